@@ -118,6 +118,12 @@ class DataConfig:
     """Tar member extension of the query text."""
     augment: bool = True
     """Random-resized-crop / flip augmentation for training (timm transforms)."""
+    crop_scale_min: float = 0.5
+    """Smallest area fraction of the random-resized crop (timm's default 0.08 can crop the object away)."""
+    hflip: float = 0.5
+    """Horizontal-flip probability (0 for text-bearing images whose queries mention left/right)."""
+    color_jitter: float = 0.0
+    """Colour-jitter strength; 0 keeps colours intact (queries often name colours)."""
     val_max_samples: int = 5000
     """At most this many held-out pairs are used by the periodic evaluation."""
 
@@ -158,6 +164,9 @@ class TrainConfig:
     """DeepSpeed ZeRO stage 0-3."""
     deepspeed_config: Optional[str] = None
     """Optional DeepSpeed JSON fragment merged over the derived config (batch sizes and optimizer come from this file)."""
+    stop_at: int = 0
+    """Stop after this optimizer step with a checkpoint, as if interrupted (the schedules still span
+    ``train.steps``); resume later with ``--resume auto``. 0: run to ``train.steps``. For time-limited jobs."""
     seed: int = 42
     """Seed of model initialisation and every RNG."""
     log_every: int = 10
@@ -305,6 +314,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.train.eval_every < 0:
         raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {cfg.train.eval_every}")
+    if not 0.0 < cfg.data.crop_scale_min <= 1.0:
+        raise ConfigError(f"config key 'data.crop_scale_min' must be in (0, 1], got {cfg.data.crop_scale_min}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
     return cfg

@@ -1,0 +1,1 @@
+"""WenLan-style image-text pretraining library (no argparse, no process launching)."""

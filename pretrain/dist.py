@@ -1,0 +1,112 @@
+"""Every cross-process call of the project lives here.
+
+None of these functions carries gradients: the gathered keys are produced under ``no_grad`` by the
+momentum encoders, and reductions are used for bookkeeping (flags, counters, metrics).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str) -> None:
+    """Initialise torch.distributed through DeepSpeed.
+
+    Run by ``deepspeed`` (or torchrun), the rank variables are set. Run as plain
+    ``python launch/x.py``, they are not, and DeepSpeed would then look for mpi4py: set the
+    single-process defaults first.
+    """
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) from all ranks along dim 0, in rank order.
+
+    No gradient flows through it (used for keys, which come from the momentum encoders).
+    """
+    if not is_dist() or world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum`` or ``max``); returns the tensor. No gradient."""
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce(t, "max").item() > 0)
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Picklable objects of every rank, in rank order (small payloads: metrics, eval embeddings)."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def sum_counts(counts: Dict[str, float], device: torch.device = torch.device("cpu")) -> Dict[str, float]:
+    """Sum a dict of counters over ranks. Ranks may know different keys: the key sets are merged first."""
+    if not is_dist() or world_size() == 1:
+        return dict(counts)
+    keys = sorted(set().union(*all_gather_objects(sorted(counts))))
+    t = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+    all_reduce(t, "sum")
+    return {k: (int(v) if float(v).is_integer() else float(v)) for k, v in zip(keys, t.tolist())}

@@ -1,0 +1,427 @@
+"""The pretraining loop: builds the DeepSpeed engine, momentum encoders, queues and data stream,
+then trains, logs, evaluates and checkpoints. Typed arguments only; launch/pretrain.py is the CLI.
+
+Order of work for one optimizer step with A = ``train.grad_accum_steps`` micro-batches::
+
+    for each micro-batch:   keys (momentum towers, no grad) -> gather keys of all ranks
+                            -> loss against the current queues -> backward
+                            -> enqueue the gathered keys (so the next micro-batch sees them)
+    at the boundary:        optimizer step (DeepSpeed) -> momentum update g <- m*g + (1-m)*f
+
+A micro-batch whose loss is not finite on any rank is skipped on every rank (no backward, no
+enqueue, invisible to DeepSpeed's accumulation counter) and counted; after
+``train.max_bad_steps_in_row`` such steps in a row the run stops.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import checkpoint, dist
+from .config import RunConfig, save_config
+from .metrics import MetricsWriter, setup_logging
+from .models import build_tokenizer, momentum_copy
+from .wenlan import KeyEncoders, WenLanModel, gather_keys, momentum_at, momentum_update
+
+log = logging.getLogger("pretrain")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (too many bad steps, too much bad data)."""
+
+
+def derive_deepspeed_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed config follows from the run config; a user JSON fragment may add settings."""
+    t = cfg.train
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if t.deepspeed_config:
+        with open(t.deepspeed_config) as f:
+            extra = json.load(f)
+        for forbidden in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                          "optimizer", "scheduler"):
+            if forbidden in extra:
+                raise ValueError(f"{t.deepspeed_config}: '{forbidden}' is derived from the run config "
+                                 f"(train.micro_batch_size, train.grad_accum_steps, optim.*); remove it from the JSON")
+        ds = _deep_merge(ds, extra)
+    return ds
+
+
+def _deep_merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: WenLanModel, cfg: RunConfig) -> List[Dict[str, Any]]:
+    """Towers at ``optim.lr``; heads (pooling, projections, temperature) at ``optim.head_lr``;
+    no weight decay on biases, norms (1-d tensors) and the temperature."""
+    groups: Dict[str, Dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = ".proj." in name or ".pool." in name or name == "logit_scale"
+        decay = p.ndim >= 2 and name != "logit_scale"
+        key = f"{'head' if is_head else 'tower'}_{'decay' if decay else 'nodecay'}"
+        g = groups.setdefault(key, {"params": [], "name": key,
+                                    "lr": cfg.optim.head_lr if is_head else cfg.optim.lr,
+                                    "weight_decay": cfg.optim.weight_decay if decay else 0.0})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def lr_lambda(cfg: RunConfig):
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = min((step - warm) / max(total - warm, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+def build_transforms(cfg: RunConfig, backbone):
+    from timm.data import create_transform, resolve_data_config
+
+    dc = resolve_data_config({}, model=backbone)
+    size = cfg.model.image.image_size
+    common = dict(mean=dc["mean"], std=dc["std"], interpolation="bicubic")
+    if cfg.data.augment:
+        train = create_transform(size, is_training=True, scale=(cfg.data.crop_scale_min, 1.0), hflip=cfg.data.hflip,
+                                 color_jitter=cfg.data.color_jitter or None, auto_augment=None, re_prob=0.0,
+                                 **common)
+    else:
+        train = create_transform(size, is_training=False, crop_pct=1.0, **common)
+    evaluation = create_transform(size, is_training=False, crop_pct=1.0, **common)
+    return train, evaluation
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: Optional[str] = None, stream=None):
+        """``stream``: an iterable of batches to use instead of the shards of ``cfg.data`` (tests)."""
+        import deepspeed
+
+        self.cfg = cfg
+        t = cfg.train
+        dev = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
+        dist.init_distributed(dev)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        setup_logging(self.rank)
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device("cpu")
+        if dev == "cpu" and t.precision != "fp32":
+            log.warning("train.precision=%s on CPU: bf16/fp16 are for GPUs (bf16 was measured 20x slower "
+                        "than fp32 on CPU); use train.precision=fp32", t.precision)
+        self.ckpt_dir = os.path.join(t.output_dir, "checkpoints")
+        if self.rank == 0:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+        dist.barrier()
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = WenLanModel(cfg.model, cfg.wenlan)
+        key = momentum_copy(model.query)  # g starts equal to f
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      eps=cfg.optim.eps)
+        self.ds_config = derive_deepspeed_config(cfg, self.world)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.keys = KeyEncoders(key, cfg.wenlan, cfg.model.embed_dim, self.device)
+        self.key_params = list(self.keys.key.parameters())
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
+                         if dev == "cuda" and t.precision != "fp32" else nullcontext())
+
+        self.tokenizer = build_tokenizer(cfg.model.text)
+        self.train_transform, self.eval_transform = build_transforms(cfg, model.query.image.backbone)
+        self.stream = stream if stream is not None else self._build_stream()
+
+        self.step = 0                 # optimizer steps done
+        self.samples = 0              # pairs seen (all ranks)
+        self.skipped = 0              # non-finite micro-batches skipped on every rank
+        self.bad_in_row = 0
+        self.ds_skipped_base = 0
+        self.last_eval: Dict[str, float] = {}
+        tag = checkpoint.find_resume_tag(self.ckpt_dir, resume)
+        if tag:
+            self._restore(tag)
+        self.writer = MetricsWriter(t.output_dir, self.rank == 0, t.steps, start_step=self.step)
+
+    # ------------------------------------------------------------------ data
+    def _build_stream(self):
+        from .data import ShardStream
+
+        d, t = self.cfg.data, self.cfg.train
+        if not d.train_shards:
+            raise ValueError("data.train_shards is empty: give the training shards, e.g. "
+                             "data.train_shards=data/demo/shards/train (see tools/make_demo_data.py)")
+        return ShardStream(d.train_shards, batch_size=t.micro_batch_size, rank=self.rank, world_size=self.world,
+                           num_workers=d.num_workers, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+                           image_transform=self.train_transform, tokenizer=self.tokenizer,
+                           max_length=self.cfg.model.text.max_length, allow_pipe=d.allow_pipe,
+                           max_pixels=d.max_pixels, image_exts=tuple(d.image_key.split(";")), text_ext=d.text_key,
+                           max_bad_fraction=d.max_bad_fraction)
+
+    def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ one micro-batch
+    def micro_step(self, batch: Dict[str, Any], timings: Dict[str, float]) -> Optional[Dict[str, torch.Tensor]]:
+        """Forward, loss, backward (unless non-finite anywhere), enqueue. Returns the loss outputs or None."""
+        c = self.cfg
+        images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        qid, iid = batch["query_id"], batch["image_id"]
+        t0 = time.perf_counter()
+        with self.autocast:
+            k_image, k_text = self.keys.keys(images, ids, mask)                    # M x D each, no grad
+        t1 = time.perf_counter()
+        gathered = gather_keys(k_image, k_text, qid, iid)                          # G*M rows, rank order
+        t2 = time.perf_counter()
+        extra = {}
+        if c.wenlan.in_batch_negatives:
+            extra = dict(zip(("all_k_image", "all_k_text", "all_query_ids", "all_image_ids"), gathered))
+        with self.autocast:
+            out = self.engine(images, ids, mask, k_image, k_text, qid, iid, self.keys.image_queue,
+                              self.keys.text_queue, clicks=batch.get("clicks"), **extra)
+        loss = out["loss"]
+        if c.train.inject_nan_at_step == self.step and self.rank == c.train.inject_nan_rank:
+            loss = loss * float("nan")
+        t3 = time.perf_counter()
+        if dist.any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device):
+            return None
+        self.engine.backward(loss)
+        t4 = time.perf_counter()
+        self.keys.enqueue(k_image, k_text, qid, iid, gathered=gathered)
+        t5 = time.perf_counter()
+        for k, v in (("key_forward", t1 - t0), ("gather_enqueue", t2 - t1 + t5 - t4), ("query_forward", t3 - t2),
+                     ("backward", t4 - t3)):
+            timings[k] = timings.get(k, 0.0) + v
+        return out
+
+    def _grads_finite_stage0(self) -> bool:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def optimizer_step(self, timings: Dict[str, float]) -> bool:
+        """At the accumulation boundary: step, then momentum. Returns False if the step was skipped."""
+        t0 = time.perf_counter()
+        if self.cfg.train.zero_stage == 0 and not self._grads_finite_stage0():
+            # stage 0 applies the optimizer without an overflow check: drop these gradients ourselves
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            return False
+        before = self.engine.skipped_steps
+        self.engine.step()
+        t1 = time.perf_counter()
+        timings["optimizer"] = timings.get("optimizer", 0.0) + t1 - t0
+        if self.engine.skipped_steps != before:  # DeepSpeed found inf/nan gradients (or fp16 overflow)
+            return False
+        self.momentum_update()
+        timings["momentum"] = timings.get("momentum", 0.0) + time.perf_counter() - t1
+        return True
+
+    def momentum_update(self) -> None:
+        m = momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan)
+        query_params = list(self.engine.module.query.parameters())
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+            ctx = deepspeed.zero.GatheredParameters(query_params, modifier_rank=None)
+        else:
+            ctx = nullcontext()
+        with ctx:
+            momentum_update(self.key_params, query_params, m)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Dict[str, float]:
+        t = self.cfg.train
+        if self.step >= t.steps:
+            log.info("run already at step %d of %d: nothing to train", self.step, t.steps)
+            return self.last_eval
+        self.engine.train()
+        self.keys.key.train()
+        log.info("training %d steps on %d process(es): micro-batch %d x accumulation %d x %d = %d pairs/step, "
+                 "ZeRO-%d, %s, device %s", t.steps - self.step, self.world, t.micro_batch_size, t.grad_accum_steps,
+                 self.world, t.micro_batch_size * t.grad_accum_steps * self.world, t.zero_stage, t.precision,
+                 self.device)
+        it = iter(self.stream)
+        window: Dict[str, float] = {}
+        sums: Dict[str, float] = {}
+        n_sum = 0
+        win_start = time.perf_counter()
+        win_samples = 0
+        last = min(t.steps, t.stop_at) if t.stop_at > 0 else t.steps
+        while self.step < last:
+            micro_done = 0
+            while micro_done < t.grad_accum_steps:
+                td = time.perf_counter()
+                batch = self._to_device(next(it))
+                window["data_wait"] = window.get("data_wait", 0.0) + time.perf_counter() - td
+                out = self.micro_step(batch, window)
+                win_samples += batch["image"].shape[0] * self.world
+                self.samples += batch["image"].shape[0] * self.world
+                if out is None:
+                    self.skipped += 1
+                    self.bad_in_row += 1
+                    log.warning("step %d: non-finite loss on some rank; micro-batch skipped on every rank "
+                                "(%d in a row, %d in total)", self.step, self.bad_in_row, self.skipped)
+                    if self.bad_in_row >= t.max_bad_steps_in_row:
+                        raise TrainingStopped(
+                            f"{self.bad_in_row} non-finite steps in a row (train.max_bad_steps_in_row="
+                            f"{t.max_bad_steps_in_row}): stopping. Lower the learning rate (optim.lr), check the "
+                            f"data, or resume from the last checkpoint with --resume auto.")
+                    if self.step == t.inject_nan_at_step:
+                        break  # the injected NaN is tied to this step: move on to the next step
+                    continue
+                self.bad_in_row = 0
+                micro_done += 1
+                for k in ("loss", "loss_i2t", "loss_t2i", "pos_logit", "neg_logit", "temperature"):
+                    sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+                n_sum += 1
+            if micro_done == t.grad_accum_steps and not self.optimizer_step(window):
+                self.skipped += 1
+            self.step += 1
+            if self.step % t.log_every == 0 or self.step == last:
+                self._log(window, sums, n_sum, win_start, win_samples)
+                window, sums, n_sum, win_start, win_samples = {}, {}, 0, time.perf_counter(), 0
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self.evaluate()
+                win_start = time.perf_counter()
+            if self.step % t.save_every == 0 and self.step < t.steps:
+                self.save()
+                win_start = time.perf_counter()
+        results = self.evaluate() if self.step >= t.steps else {}
+        self.save()
+        self.writer.close()
+        if self.step < t.steps:
+            log.info("stopped at step %d of %d (train.stop_at); continue with --resume auto", self.step, t.steps)
+        return results
+
+    def _log(self, window, sums, n_sum, win_start, win_samples) -> None:
+        elapsed = max(time.perf_counter() - win_start, 1e-9)
+        counts = self.stream.skip_counts()
+        counts = dist.sum_counts(dict(counts, _read=self.stream.samples_read()))
+        read = counts.pop("_read", 0)
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics: Dict[str, Any] = {k: v / max(n_sum, 1) for k, v in sums.items()}
+        if n_sum == 0:
+            metrics.update({k: float("nan") for k in ("loss", "loss_i2t", "loss_t2i")})
+        lrs = self.engine.get_lr()
+        metrics.update({
+            "lr": lrs[0] if lrs else None,
+            "lr_head": max(lrs) if lrs else None,
+            "momentum": momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan),
+            "samples_per_s": win_samples / elapsed,
+            "data_wait_frac": window.get("data_wait", 0.0) / elapsed,
+            "queue_fill": float(self.keys.image_queue.filled) / self.cfg.wenlan.queue_size,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "skipped_steps": self.skipped,
+            "samples": self.samples,
+            "data_read": read,
+            "data_skipped": sum(counts.values()),
+        })
+        for k, v in counts.items():
+            metrics[f"data_skip/{k}"] = v
+        for k in ("key_forward", "query_forward", "backward", "optimizer", "momentum", "gather_enqueue"):
+            metrics[f"time_frac/{k}"] = window.get(k, 0.0) / elapsed
+        self.writer.write(self.step, metrics)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out retrieval over distinct queries and distinct images (both directions)."""
+        d = self.cfg.data
+        if not d.val_shards:
+            return {}
+        from .data import iter_eval_batches
+        from .eval.retrieval import build_pairs, pair_retrieval_metrics
+
+        t0 = time.perf_counter()
+        module = self.engine.module
+        module.eval()
+        bs = self.cfg.train.micro_batch_size
+        parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("img", "txt", "qid", "iid", "clicks", "index")}
+        n_batches = torch.zeros(1, device=self.device)
+        batches = list(iter_eval_batches(d.val_shards, batch_size=bs, image_transform=self.eval_transform,
+                                         tokenizer=self.tokenizer, max_length=self.cfg.model.text.max_length,
+                                         rank=self.rank, world_size=self.world, max_samples=d.val_max_samples))
+        # ZeRO-3 forwards are collective: every rank runs the same number of forwards
+        n_batches[0] = len(batches)
+        n_max = int(dist.all_reduce(n_batches.clone(), "max").item())
+        for i in range(n_max):
+            real = i < len(batches)
+            b = self._to_device(batches[i] if real else batches[0] if batches else self._dummy_batch(bs))
+            with self.autocast:
+                img, txt = module.query(b["image"], b["input_ids"], b["attention_mask"])
+            if real:
+                parts["img"].append(img.float().cpu())
+                parts["txt"].append(txt.float().cpu())
+                for k, src in (("qid", "query_id"), ("iid", "image_id"), ("clicks", "clicks"), ("index", "index")):
+                    parts[k].append(b[src].cpu())
+        local = {k: (torch.cat(v) if v else None) for k, v in parts.items()}
+        gathered = dist.all_gather_objects(local)
+        module.train()
+        results: Dict[str, float] = {}
+        if self.rank == 0:
+            cat = {k: torch.cat([g[k] for g in gathered if g[k] is not None]) for k in local}
+            order = torch.argsort(cat["index"])
+            cat = {k: v[order] for k, v in cat.items()}
+            pq, pi, q_first, i_first, gains = build_pairs(cat["qid"], cat["iid"], cat["clicks"])
+            results = pair_retrieval_metrics(cat["txt"][q_first], cat["img"][i_first], pq, pi, gains)
+            results["eval_seconds"] = time.perf_counter() - t0
+            self.writer.write(self.step, results, progress=False, prefix="eval/")
+            log.info("eval step %d: %d queries, %d images | t2i R@1 %.3f R@5 %.3f R@10 %.3f | i2t R@1 %.3f R@5 "
+                     "%.3f R@10 %.3f | chance t2i R@1 %.4f", self.step, results.get("t2i_num_queries", 0),
+                     results.get("t2i_gallery_size", 0), results.get("t2i_hit@1", float("nan")),
+                     results.get("t2i_hit@5", float("nan")), results.get("t2i_hit@10", float("nan")),
+                     results.get("i2t_hit@1", float("nan")), results.get("i2t_hit@5", float("nan")),
+                     results.get("i2t_hit@10", float("nan")), results.get("t2i_chance_hit@1", float("nan")))
+            os.makedirs(os.path.join(self.cfg.train.output_dir, "eval"), exist_ok=True)
+            with open(os.path.join(self.cfg.train.output_dir, "eval", f"step_{self.step:08d}.json"), "w") as f:
+                json.dump({"step": self.step, **results}, f, indent=1)
+        self.last_eval = dist.broadcast_object(results)
+        return self.last_eval
+
+    def _dummy_batch(self, bs: int) -> Dict[str, torch.Tensor]:
+        size, length = self.cfg.model.image.image_size, self.cfg.model.text.max_length
+        return {"image": torch.zeros(1, 3, size, size), "input_ids": torch.zeros(1, length, dtype=torch.long),
+                "attention_mask": torch.ones(1, length, dtype=torch.long)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        shared = {"keys": self.keys.state_dict(), "step": self.step, "samples": self.samples,
+                  "skipped": self.skipped, "bad_in_row": self.bad_in_row}
+        own = {"stream": self.stream.state_dict(), "rng": checkpoint.rng_state()}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, shared, own, self.cfg.train.keep_checkpoints)
+        log.info("saved checkpoint %s", os.path.join(self.ckpt_dir, tag))
+        return tag
+
+    def _restore(self, tag: str) -> None:
+        shared, own = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.keys.load_state_dict(shared["keys"])
+        self.step, self.samples = shared["step"], shared["samples"]
+        self.skipped, self.bad_in_row = shared["skipped"], shared["bad_in_row"]
+        self.stream.load_state_dict(own["stream"])
+        checkpoint.set_rng_state(own["rng"])
+        log.info("resumed from %s at step %d", os.path.join(self.ckpt_dir, tag), self.step)

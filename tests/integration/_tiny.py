@@ -1,0 +1,76 @@
+"""Shared helpers of the integration tests: a tiny config, synthetic batches, process spawning."""
+import os
+import socket
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TINY_TEXT = ("{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64, "
+             "hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}")
+
+
+def tiny_overrides(output_dir: str, stage: int, **extra) -> list:
+    items = {
+        "model.image.name": "test_resnet", "model.image.image_size": 32,
+        "model.text.pretrained": "false", "model.text.config_overrides": TINY_TEXT, "model.text.max_length": 8,
+        "model.embed_dim": 16, "model.projection_hidden": 32,
+        "wenlan.queue_size": 20, "wenlan.momentum": 0.9, "wenlan.temperature": 0.1,
+        "optim.lr": 1e-2, "optim.head_lr": 1e-2, "optim.warmup_steps": 1, "optim.weight_decay": 0.0,
+        "train.output_dir": output_dir, "train.micro_batch_size": 4, "train.zero_stage": stage,
+        "train.precision": "fp32", "train.device": "cpu", "train.log_every": 1, "train.eval_every": 0,
+        "train.save_every": 1000, "data.train_shards": "unused", "data.num_workers": 0,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+class SyntheticStream:
+    """Deterministic batches that differ by rank; ids drawn from a small range so that queue entries
+    share query/image ids with later positives (false negatives to mask)."""
+
+    def __init__(self, rank: int, batch_size: int = 4, length: int = 8, size: int = 32, seed: int = 0):
+        self.rank, self.bs, self.length, self.size, self.seed = rank, batch_size, length, size, seed
+        self.consumed = 0
+
+    def batch(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.rank * 1009 + i)
+        return {"image": torch.randn(self.bs, 3, self.size, self.size, generator=g),
+                "input_ids": torch.randint(1000, 1100, (self.bs, self.length), generator=g),
+                "attention_mask": torch.ones(self.bs, self.length, dtype=torch.long),
+                "query_id": torch.randint(0, 6, (self.bs,), generator=g),
+                "image_id": torch.randint(0, 6, (self.bs,), generator=g),
+                "clicks": torch.randint(1, 5, (self.bs,), generator=g).float()}
+
+    def __iter__(self):
+        while True:
+            b = self.batch(self.consumed)
+            self.consumed += 1
+            yield b
+
+    def state_dict(self):
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, s):
+        self.consumed = s["consumed"]
+
+    def skip_counts(self):
+        return {}
+
+    def samples_read(self):
+        return self.consumed * self.bs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_dist_env(rank: int, world: int, port: int) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})

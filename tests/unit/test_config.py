@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import yaml
+
+from pretrain.config import ConfigError, RunConfig, load_config, save_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 7, "zero_stage": 1}, "wenlan": {"queue_size": 33}}))
+    cfg = load_config(str(path), ["train.steps=11", "model.image.timm_kwargs={img_size: 64}", "wenlan.mask_unfilled=false"])
+    assert cfg.train.steps == 11           # CLI beats file
+    assert cfg.train.zero_stage == 1       # file beats default
+    assert cfg.wenlan.queue_size == 33
+    assert cfg.train.micro_batch_size == RunConfig().train.micro_batch_size  # default
+    assert cfg.model.image.timm_kwargs == {"img_size": 64}
+    assert cfg.wenlan.mask_unfilled is False
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.stepz=3", "train.stepz"),
+    ("train.steps=abc", "train.steps"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("wenlan.momentum=1.5", "wenlan.momentum"),
+    ("nosuch.key=1", "nosuch"),
+    ("train.precision=fp8", "train.precision"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.steps=5", "data.train_shards=a::b"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "pretrain"))))
+def test_shipped_configs_load(name):
+    load_config(os.path.join(ROOT, "configs", "pretrain", name))
