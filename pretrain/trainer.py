@@ -324,8 +324,11 @@ class Trainer:
         counts = dist.sum_counts(dict(counts, _read=self.stream.samples_read()))
         read = counts.pop("_read", 0)
         grad_norm = self.engine.get_global_grad_norm()
-        metrics: Dict[str, Any] = {k: v / max(n_sum, 1) for k, v in sums.items()}
-        if n_sum == 0:
+        keys = ("loss", "loss_i2t", "loss_t2i", "pos_logit", "neg_logit", "temperature")
+        vec = dist.all_reduce(torch.tensor([sums.get(k, 0.0) for k in keys] + [float(n_sum)], dtype=torch.float64))
+        n_all = float(vec[-1])
+        metrics: Dict[str, Any] = {k: float(v) / n_all for k, v in zip(keys, vec[:-1])} if n_all else {}
+        if not n_all:
             metrics.update({k: float("nan") for k in ("loss", "loss_i2t", "loss_t2i")})
         lrs = self.engine.get_lr()
         metrics.update({
