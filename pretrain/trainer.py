@@ -165,6 +165,14 @@ class Trainer:
         tag = checkpoint.find_resume_tag(self.ckpt_dir, resume)
         if tag:
             self._restore(tag)
+        else:
+            existing = checkpoint.complete_tags(self.ckpt_dir)
+            if existing:
+                raise ValueError(f"{self.ckpt_dir} already holds checkpoints ({existing[-1]}) and --resume is "
+                                 f"'{resume}': continue with --resume auto, or choose a new train.output_dir")
+            old = os.path.join(t.output_dir, "metrics.jsonl")
+            if self.rank == 0 and os.path.exists(old):  # a fresh run: keep the old log aside, lose nothing
+                os.replace(old, f"{old}.{time.strftime('%Y%m%d-%H%M%S')}.old")
         self.writer = MetricsWriter(t.output_dir, self.rank == 0, t.steps, start_step=self.step)
 
     # ------------------------------------------------------------------ data

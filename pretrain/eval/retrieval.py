@@ -183,8 +183,8 @@ def _rank_relevant(queries: Tensor, gallery: Tensor, qi: Tensor, gi: Tensor, gai
         # count in (pairs <= C) x (columns <= _SLAB_COLUMNS) pieces: comparison and sum temporaries
         # stay a few MiB instead of 9 bytes per score (bool mask + int64 cast of the sum)
         for b in range(0, p1 - p0, rows):
-            rows_b, s_b = local[b:b + rows], s[b:b + rows, None]
-            acc = count_ge[p0 + b:p0 + b + rows]
+            e = min(b + rows, p1 - p0)
+            rows_b, s_b, acc = local[b:e], s[b:e, None], count_ge[p0 + b:p0 + e]
             for c in range(0, num_g, _SLAB_COLUMNS):
                 acc += (block[:, c:c + _SLAB_COLUMNS].index_select(0, rows_b) >= s_b).sum(1)
         del block

