@@ -68,6 +68,9 @@ class ModelConfig:
 
 @dataclass
 class WenLanConfig:
+    mode: str = "momentum"
+    """``momentum``: WenLan (momentum key encoders, two queues). ``in_batch``: the OpenCLIP loss over the
+    global batch (no queue, no momentum encoders): the reference that tools/bench.py compares against."""
     queue_size: int = 16384
     """K: negatives per modality queue. Any K works (the ring buffer wraps)."""
     momentum: float = 0.99
@@ -204,6 +207,7 @@ class RunConfig:
 ALLOWED = {
     "model.image.pooling": ("mean", "cls", "attention"),
     "model.text.pooling": ("mean", "cls", "attention"),
+    "wenlan.mode": ("momentum", "in_batch"),
     "wenlan.momentum_schedule": ("constant", "cosine"),
     "wenlan.click_weighting": ("none", "log", "sqrt"),
     "train.precision": ("fp32", "bf16", "fp16"),

@@ -1,7 +1,8 @@
 """Every cross-process call of the project lives here.
 
-None of these functions carries gradients: the gathered keys are produced under ``no_grad`` by the
-momentum encoders, and reductions are used for bookkeeping (flags, counters, metrics).
+Only ``all_gather_with_local_grad`` carries gradients (into the local slice; the in-batch reference
+loss). The others do not: gathered keys come from the momentum encoders under ``no_grad``, and
+reductions are used for bookkeeping (flags, counters, metrics).
 """
 from __future__ import annotations
 
@@ -68,6 +69,17 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     out = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks (rank order); gradients flow into this rank's own slice only
+    (the other ranks' slices are constants here; each rank back-propagates through its own)."""
+    if not is_dist() or world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.detach().contiguous())
+    out[rank()] = tensor
     return torch.cat(out, dim=0)
 
 

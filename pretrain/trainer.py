@@ -199,14 +199,18 @@ class Trainer:
         c = self.cfg
         images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         qid, iid = batch["query_id"], batch["image_id"]
+        momentum_mode = c.wenlan.mode == "momentum"
         t0 = time.perf_counter()
-        with self.autocast:
-            k_image, k_text = self.keys.keys(images, ids, mask)                    # M x D each, no grad
+        k_image = k_text = gathered = None
+        if momentum_mode:
+            with self.autocast:
+                k_image, k_text = self.keys.keys(images, ids, mask)                # M x D each, no grad
         t1 = time.perf_counter()
-        gathered = gather_keys(k_image, k_text, qid, iid)                          # G*M rows, rank order
+        if momentum_mode:
+            gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order
         t2 = time.perf_counter()
         extra = {}
-        if c.wenlan.in_batch_negatives:
+        if c.wenlan.in_batch_negatives and momentum_mode:
             extra = dict(zip(("all_k_image", "all_k_text", "all_query_ids", "all_image_ids"), gathered))
         with self.autocast:
             out = self.engine(images, ids, mask, k_image, k_text, qid, iid, self.keys.image_queue,
@@ -219,7 +223,8 @@ class Trainer:
             return None
         self.engine.backward(loss)
         t4 = time.perf_counter()
-        self.keys.enqueue(k_image, k_text, qid, iid, gathered=gathered)
+        if momentum_mode:
+            self.keys.enqueue(k_image, k_text, qid, iid, gathered=gathered)
         t5 = time.perf_counter()
         for k, v in (("key_forward", t1 - t0), ("gather_enqueue", t2 - t1 + t5 - t4), ("query_forward", t3 - t2),
                      ("backward", t4 - t3)):
@@ -246,7 +251,8 @@ class Trainer:
         timings["optimizer"] = timings.get("optimizer", 0.0) + t1 - t0
         if self.engine.skipped_steps != before:  # DeepSpeed found inf/nan gradients (or fp16 overflow)
             return False
-        self.momentum_update()
+        if self.cfg.wenlan.mode == "momentum":
+            self.momentum_update()
         timings["momentum"] = timings.get("momentum", 0.0) + time.perf_counter() - t1
         return True
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig, WenLanConfig
-from .dist import concat_all_gather, rank
+from .dist import all_gather_with_local_grad, concat_all_gather, rank
 from .models import DualEncoder
 
 
@@ -111,6 +111,8 @@ class WenLanModel(nn.Module):
         c = self.cfg
         q_image, q_text = self.query(images, input_ids, attention_mask)          # M x D each
         tau = self.temperature()
+        if c.mode == "in_batch":
+            return in_batch_loss(q_image, q_text, tau)
         weights = click_weights(clicks, c.click_weighting) if clicks is not None else None
 
         def negatives(queue: NegativeQueue, all_keys: Optional[torch.Tensor]):
@@ -136,6 +138,18 @@ class WenLanModel(nn.Module):
         return {"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(),
                 "pos_logit": (pos_i2t + pos_t2i) / 2, "neg_logit": (negm_i2t + negm_t2i) / 2,
                 "temperature": tau.detach()}
+
+
+def in_batch_loss(q_image: torch.Tensor, q_text: torch.Tensor, tau: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The OpenCLIP loss over the global batch (its default: every rank scores all G*M x G*M pairs, with
+    gradients through its own slice): the reference for throughput comparisons."""
+    all_image, all_text = all_gather_with_local_grad(q_image), all_gather_with_local_grad(q_text)  # GM x D
+    labels = torch.arange(all_image.shape[0], device=q_image.device)
+    logits = all_image @ all_text.t() / tau                                      # GM x GM
+    loss_i2t, loss_t2i = F.cross_entropy(logits.float(), labels), F.cross_entropy(logits.t().float(), labels)
+    pos = (q_image * q_text).sum(-1).detach().mean()
+    return {"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(),
+            "pos_logit": pos, "neg_logit": (logits.detach() * tau).mean(), "temperature": tau.detach()}
 
 
 def click_weights(clicks: torch.Tensor, kind: str) -> Optional[torch.Tensor]:

@@ -35,7 +35,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 256 * 2 ** 20  # bytes for the score block of one query chunk
-_SLAB_COLUMNS = 8192                    # gallery columns compared at once when counting ranks
+_SLAB_ELEMENTS = 2 ** 20                # scores compared at once when counting ranks (~13 MiB of temporaries)
 
 Relevance = Union[Sequence[Mapping[int, float]], Tuple[Tensor, Tensor, Tensor], Tensor]
 
@@ -65,6 +65,23 @@ def _rows_per_chunk(gallery_size: int, dtype: torch.dtype, chunk_size: Optional[
         return int(chunk_size)
     row_bytes = gallery_size * torch.finfo(dtype).bits // 8
     return max(1, int(memory_budget_bytes) // row_bytes)  # at least one row, whatever the budget
+
+
+def _count_at_least(block: Tensor, rows: Optional[Tensor], thresholds: Tensor) -> Tensor:
+    """Per threshold t_j: #{g : block[rows[j], g] >= t_j} (rows None: every row of the block, in order).
+
+    Counted in column slabs so that the bool mask, its int64 sum and any copied rows stay small
+    instead of adding 13 bytes per score of the C x G block.
+    """
+    n, num_g = thresholds.numel(), block.shape[1]
+    width = max(256, _SLAB_ELEMENTS // max(n, 1))
+    counts = torch.zeros(n, dtype=torch.long, device=block.device)
+    for c in range(0, num_g, width):
+        slab = block[:, c:c + width]
+        if rows is not None:
+            slab = slab.index_select(0, rows)
+        counts += (slab >= thresholds[:, None]).sum(1)
+    return counts
 
 
 def _score_block(queries: Tensor, gallery_t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -180,13 +197,23 @@ def _rank_relevant(queries: Tensor, gallery: Tensor, qi: Tensor, gi: Tensor, gai
         local = torch.repeat_interleave(torch.arange(chunk.numel(), device=device), num_relevant[chunk])
         s = block[local, gi[p0:p1]]
         score[p0:p1] = s
-        # count in (pairs <= C) x (columns <= _SLAB_COLUMNS) pieces: comparison and sum temporaries
-        # stay a few MiB instead of 9 bytes per score (bool mask + int64 cast of the sum)
-        for b in range(0, p1 - p0, rows):
-            e = min(b + rows, p1 - p0)
-            rows_b, s_b, acc = local[b:e], s[b:e, None], count_ge[p0 + b:p0 + e]
-            for c in range(0, num_g, _SLAB_COLUMNS):
-                acc += (block[:, c:c + _SLAB_COLUMNS].index_select(0, rows_b) >= s_b).sum(1)
+        # the r-th relevant item of every query, one round per r, while a round covers most rows:
+        # a full round compares the block in place (copying rows costs more than comparing them)
+        nth = torch.arange(p1 - p0, device=device) - (offsets[chunk] - p0)[local]   # 0-based position
+        counts = torch.zeros(p1 - p0, dtype=torch.long, device=device)
+        r = 0
+        while True:
+            sel = torch.nonzero(nth == r).flatten()
+            if sel.numel() == 0 or 2 * sel.numel() < chunk.numel():
+                break
+            full = sel.numel() == chunk.numel()
+            counts[sel] = _count_at_least(block, None if full else local[sel], s[sel])
+            r += 1
+        rest = torch.nonzero(nth >= r).flatten()  # items beyond the common rounds: rows copied, <= C at a time
+        for b in range(0, rest.numel(), rows):
+            sel = rest[b:b + rows]
+            counts[sel] = _count_at_least(block, local[sel], s[sel])
+        count_ge[p0:p1] = counts
         del block
 
     # sort each query's pairs by (score desc, gain asc): the pessimistic order among relevant items

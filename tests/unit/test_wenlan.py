@@ -112,3 +112,21 @@ def test_momentum_schedule():
     assert momentum_at(50, 100, c) == pytest.approx(0.995)
     assert momentum_at(100, 100, c) == pytest.approx(1.0)
     assert momentum_at(30, 100, WenLanConfig(momentum=0.9)) == 0.9
+
+
+def test_in_batch_loss_single_process_matches_reference():
+    from pretrain.wenlan import in_batch_loss
+    torch.manual_seed(1)
+    qi = F.normalize(torch.randn(6, 8), dim=-1)
+    qt = F.normalize(torch.randn(6, 8), dim=-1)
+    out = in_batch_loss(qi, qt, torch.tensor(0.1))
+    none = lambda i, j: False
+    # as a loop: row i's positive is column i, negatives are the other columns
+    def ref(a, b):
+        tot = 0.0
+        for i in range(6):
+            logits = [float(a[i] @ b[j]) / 0.1 for j in range(6)]
+            mx = max(logits)
+            tot += mx + math.log(sum(math.exp(x - mx) for x in logits)) - logits[i]
+        return tot / 6
+    assert out["loss"].item() == pytest.approx(ref(qi, qt) + ref(qt, qi), rel=1e-5)
