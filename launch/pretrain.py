@@ -45,6 +45,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as e:  # bad paths, shards, checkpoints: a message, not a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
