@@ -28,7 +28,7 @@ from . import checkpoint, dist
 from .config import RunConfig, save_config
 from .metrics import MetricsWriter, setup_logging
 from .models import build_tokenizer, momentum_copy
-from .wenlan import KeyEncoders, WenLanModel, gather_keys, momentum_at, momentum_update
+from .wenlan import KeyEncoders, WenLanModel, gather_keys, momentum_at
 
 log = logging.getLogger("pretrain")
 
@@ -147,8 +147,8 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-        self.keys = KeyEncoders(key, cfg.wenlan, cfg.model.embed_dim, self.device)
-        self.key_params = list(self.keys.key.parameters())
+        self.keys = KeyEncoders(key, cfg.wenlan, cfg.model.embed_dim, self.device,
+                                partitioned=t.zero_stage == 3 and cfg.wenlan.mode == "momentum")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
                          if dev == "cuda" and t.precision != "fp32" else nullcontext())
 
@@ -258,14 +258,7 @@ class Trainer:
 
     def momentum_update(self) -> None:
         m = momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan)
-        query_params = list(self.engine.module.query.parameters())
-        if self.cfg.train.zero_stage == 3:
-            import deepspeed
-            ctx = deepspeed.zero.GatheredParameters(query_params, modifier_rank=None)
-        else:
-            ctx = nullcontext()
-        with ctx:
-            momentum_update(self.key_params, query_params, m)
+        self.keys.update(self.engine.module.query, m, query_partitioned=self.cfg.train.zero_stage == 3)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Dict[str, float]:

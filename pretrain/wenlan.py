@@ -17,6 +17,7 @@ click-count weighting of positives.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Iterable, Optional
 
@@ -179,17 +180,55 @@ def momentum_update(key_params: Iterable[torch.Tensor], query_params: Iterable[t
 
 
 class KeyEncoders:
-    """The momentum encoders g_I, g_T (one frozen fp32 DualEncoder) and the two queues."""
+    """The momentum encoders g_I, g_T (one frozen fp32 DualEncoder) and the two queues.
 
-    def __init__(self, key: DualEncoder, cfg: WenLanConfig, embed_dim: int, device: torch.device):
+    ``partitioned`` (ZeRO-3): the momentum encoders are partitioned like the query encoders
+    (``deepspeed.zero.Init(module=...)``), so each rank holds 1/G of them. The momentum update then
+    runs on the local partitions, ``g.ds_tensor <- m*g.ds_tensor + (1-m)*f.ds_tensor``, with no
+    communication (same shapes and world size give the same partitioning); the key forward gathers them.
+    """
+
+    def __init__(self, key: DualEncoder, cfg: WenLanConfig, embed_dim: int, device: torch.device,
+                 partitioned: bool = False):
         self.cfg = cfg
         self.key = key.to(device)
+        self.partitioned = partitioned
+        if partitioned:
+            import deepspeed
+            deepspeed.zero.Init(module=self.key, mem_efficient_linear=False, dtype=torch.float32,
+                                config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                     "zero_optimization": {"stage": 3}})
         self.image_queue = NegativeQueue(cfg.queue_size, embed_dim).to(device)
         self.text_queue = NegativeQueue(cfg.queue_size, embed_dim).to(device)
 
+    def _gathered(self, modifier_rank=None):
+        if not self.partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(self.key.parameters()), modifier_rank=modifier_rank)
+
     @torch.no_grad()
     def keys(self, images, input_ids, attention_mask):
-        return self.key(images.float() if images.is_floating_point() else images, input_ids, attention_mask)
+        with self._gathered():
+            return self.key(images.float() if images.is_floating_point() else images, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def update(self, query: nn.Module, m: float, query_partitioned: bool) -> None:
+        """g <- m*g + (1-m)*f after an optimizer step (fp32, fused)."""
+        key_params, query_params = list(self.key.parameters()), list(query.parameters())
+        if self.partitioned:
+            momentum_update([k.ds_tensor for k in key_params], [q.ds_tensor for q in query_params], m)
+        elif query_partitioned:  # ZeRO-3 query encoders with full momentum copies: gather f first
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(query_params, modifier_rank=None):
+                momentum_update(key_params, query_params, m)
+        else:
+            momentum_update(key_params, query_params, m)
+
+    def full_parameters(self):
+        """Full copies of the momentum parameters (collective when partitioned)."""
+        with self._gathered():
+            return [p.detach().clone() for p in self.key.parameters()]
 
     @torch.no_grad()
     def enqueue(self, k_image, k_text, query_ids, image_ids, gathered=None) -> None:
@@ -201,11 +240,15 @@ class KeyEncoders:
         self.text_queue.enqueue(all_k_text, all_q, all_i)
 
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        return {"key": self.key.state_dict(), "image_queue": self.image_queue.state_dict(),
+        """Full (unpartitioned) state; collective when partitioned."""
+        with self._gathered():
+            key_state = {k: v.detach().clone() for k, v in self.key.state_dict().items()}
+        return {"key": key_state, "image_queue": self.image_queue.state_dict(),
                 "text_queue": self.text_queue.state_dict()}
 
     def load_state_dict(self, state) -> None:
-        self.key.load_state_dict(state["key"])
+        with self._gathered(modifier_rank=0):  # every rank loads the same file; rank 0's copy is kept
+            self.key.load_state_dict(state["key"])
         self.image_queue.load_state_dict(state["image_queue"])
         self.text_queue.load_state_dict(state["text_queue"])
 

@@ -102,7 +102,7 @@ def topk_chunked(queries: Tensor, gallery: Tensor, k: int, chunk_size: Optional[
     if not 1 <= k <= num_g:
         raise ValueError(f"k must be in [1, gallery size {num_g}], got {k}")
     rows = _rows_per_chunk(num_g, dtype, chunk_size, memory_budget_bytes)
-    gallery_t = gallery.to(dtype).t()                                             # D x G (a view)
+    gallery_t = gallery.to(dtype).t()                                 # D x G (a view unless cast)
     scores = torch.empty(num_q, k, dtype=dtype, device=queries.device)
     indices = torch.empty(num_q, k, dtype=torch.long, device=queries.device)
     for start in range(0, num_q, rows):
@@ -187,7 +187,7 @@ def _rank_relevant(queries: Tensor, gallery: Tensor, qi: Tensor, gi: Tensor, gai
     count_ge = torch.zeros(qi.numel(), dtype=torch.long, device=device)             # P: items with s >= s_pair
     active = torch.nonzero(num_relevant).flatten()      # queries without relevant items are never scored
     rows = _rows_per_chunk(num_g, dtype, chunk_size, memory_budget_bytes)
-    gallery_t = gallery.to(dtype).t()                                              # D x G (a view)
+    gallery_t = gallery.to(dtype).t()                                 # D x G (a view unless cast)
     off_cpu = offsets.cpu()
     for a in range(0, active.numel(), rows):
         chunk = active[a:a + rows]                                                   # C query indices

@@ -21,7 +21,7 @@ def worker(rank, world, port, overrides, resume, outfile):
     tr = Trainer(cfg, resume=resume, stream=SyntheticStream(rank))
     tr.fit()
     torch.save({"step": tr.step, "skipped": tr.skipped, "queue": tr.keys.image_queue.features.clone(),
-                "key0": next(iter(tr.key_params)).detach().clone()}, f"{outfile}_{rank}.pt")
+                "key0": tr.keys.full_parameters()[0]}, f"{outfile}_{rank}.pt")
 
 
 def run(overrides, resume, outfile):

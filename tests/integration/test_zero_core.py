@@ -48,7 +48,7 @@ def worker(rank, world, port, stage, outdir):
                 return [p.detach().clone().double() for p in params]
         return [p.detach().clone().double() for p in params]
 
-    ema = [p.detach().clone().double() for p in tr.key_params]  # g_0 = f_0
+    ema = [p.double() for p in tr.keys.full_parameters()]  # g_0 = f_0
     loss_err, saw_masked_fn, saw_unfilled = 0.0, False, False
     for step in range(STEPS):
         batch = stream.batch(step)
@@ -57,7 +57,7 @@ def worker(rank, world, port, stage, outdir):
                 for a in ("features", "query_ids", "image_ids", "filled")}
         with torch.no_grad():
             q_img, q_txt = module.query(batch["image"], batch["input_ids"], batch["attention_mask"])
-            k_img, k_txt = tr.keys.key(batch["image"], batch["input_ids"], batch["attention_mask"])
+            k_img, k_txt = tr.keys.keys(batch["image"], batch["input_ids"], batch["attention_mask"])
         out = tr.micro_step(batch, {})
         assert out is not None
         tau = float(out["temperature"])  # the temperature the step used (partitioned under ZeRO-3)
@@ -74,11 +74,12 @@ def worker(rank, world, port, stage, outdir):
         tr.step += 1
         m = cfg.wenlan.momentum
         ema = [m * e + (1 - m) * f for e, f in zip(ema, gathered_query_params())]
-    rel = max(float((k.double() - e).norm() / e.norm().clamp_min(1e-12)) for k, e in zip(tr.key_params, ema))
+    key_now = tr.keys.full_parameters()
+    rel = max(float((k.double() - e).norm() / e.norm().clamp_min(1e-12)) for k, e in zip(key_now, ema))
     # the EMA differs from the query encoder itself (so the comparison can fail)
     q_now = gathered_query_params()
     dist_to_query = max(float((k.double() - q).norm() / q.norm().clamp_min(1e-12))
-                        for k, q in zip(tr.key_params, q_now))
+                        for k, q in zip(key_now, q_now))
     queues = [tr.keys.image_queue.features.clone(), tr.keys.text_queue.features.clone(),
               tr.keys.image_queue.query_ids.clone(), tr.keys.text_queue.image_ids.clone(),
               tr.keys.image_queue.ptr.clone(), tr.keys.text_queue.filled.clone()]

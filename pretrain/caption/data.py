@@ -1,0 +1,144 @@
+"""Karpathy-split captioning data.
+
+The JSON (Karpathy's ``dataset_coco.json``, ``dataset_flickr8k.json``, ``dataset_flickr30k.json``)::
+
+    {"images": [{"filename": "x.jpg", "filepath": "val2014", "split": "train|val|test|restval", "imgid": 0,
+                 "sentences": [{"raw": "A man ...", "tokens": ["a", "man", ...]}, ...]}, ...]}
+
+A *unit* is what one caption is generated for: an image, or an (image, condition) pair when
+``data.condition_field`` names a per-sentence condition (IVQA: the answer; the sentences are the questions).
+Its references are the sentences of that image (with that condition).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionUnit:
+    key: str
+    """Unique id: the image id, or ``imgid|condition``."""
+    image_path: str
+    refs_raw: List[str]
+    """Reference captions as written (metrics tokenise them with the PTB tokenizer)."""
+    sentences: List[Dict[str, Any]] = field(default_factory=list)
+    """The reference sentences (``raw`` and ``tokens``), for the vocabulary."""
+    condition: Optional[str] = None
+
+
+def image_key(img: Dict[str, Any], index: int) -> str:
+    for k in ("cocoid", "imgid", "id"):
+        if k in img:
+            return str(img[k])
+    return str(index)
+
+
+def load_karpathy(json_path: str, images_root: str, splits: Sequence[str],
+                  condition_field: str = "") -> List[CaptionUnit]:
+    """Units of the given splits, in file order."""
+    with open(json_path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "images" not in data:
+        raise ValueError(f"{json_path}: not a Karpathy-split JSON (no 'images' list)")
+    units: List[CaptionUnit] = []
+    for i, img in enumerate(data["images"]):
+        if img.get("split") not in splits:
+            continue
+        path = os.path.join(images_root, img.get("filepath", ""), img["filename"])
+        sents = img.get("sentences", [])
+        groups: "OrderedDict[Optional[str], List[Dict[str, Any]]]" = OrderedDict()
+        for s in sents:
+            cond = None
+            if condition_field:
+                if condition_field not in s:
+                    raise ValueError(f"{json_path}: image {img['filename']} has a sentence without the condition "
+                                     f"field '{condition_field}' (data.condition_field)")
+                cond = str(s[condition_field])
+            groups.setdefault(cond, []).append(s)
+        for cond, group in groups.items():
+            key = image_key(img, i) if cond is None else f"{image_key(img, i)}|{cond}"
+            units.append(CaptionUnit(key=key, image_path=path, refs_raw=[s.get("raw", " ".join(s.get("tokens", [])))
+                                                                          for s in group],
+                                     sentences=group, condition=cond))
+    return units
+
+
+def split_units(json_path: str, images_root: str, condition_field: str = "",
+                use_restval: bool = True) -> Dict[str, List[CaptionUnit]]:
+    train_splits = ("train", "restval") if use_restval else ("train",)
+    out = {"train": load_karpathy(json_path, images_root, train_splits, condition_field),
+           "val": load_karpathy(json_path, images_root, ("val",), condition_field),
+           "test": load_karpathy(json_path, images_root, ("test",), condition_field)}
+    for name, units in out.items():
+        if not units:
+            raise ValueError(f"{json_path}: the '{name}' split is empty")
+    return out
+
+
+def make_labels(ids: List[int], max_length: int, bos: int, eos: int, pad: int) -> List[int]:
+    """``[BOS] w1 .. wn [EOS] [PAD]..`` of length ``max_length + 2`` (n truncated to ``max_length``)."""
+    ids = ids[:max_length]
+    return [bos] + ids + [eos] + [pad] * (max_length - len(ids))
+
+
+class CaptionDataset(Dataset):
+    """Items: ``image`` (3 x H x W), ``labels`` (seq_per_img x max_length+2, training only), ``index``."""
+
+    def __init__(self, units: List[CaptionUnit], transform, vocab=None, max_length: int = 16, seq_per_img: int = 5,
+                 train: bool = False, cache_images: bool = False, seed: int = 0):
+        self.units, self.transform, self.vocab = units, transform, vocab
+        self.max_length, self.seq_per_img, self.train = max_length, seq_per_img, train
+        self.cache: Optional[Dict[int, torch.Tensor]] = {} if cache_images else None
+        self.seed, self.epoch = seed, 0
+        if train:
+            self.encoded = [[vocab.encode(s) for s in u.sentences] for u in units]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def set_epoch(self, epoch: int) -> None:
+        """References drawn for an image depend on (seed, epoch, index) only: the same in any worker."""
+        self.epoch = epoch
+
+    def image(self, i: int) -> torch.Tensor:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        from PIL import Image
+        with Image.open(self.units[i].image_path) as im:
+            x = self.transform(im.convert("RGB"))
+        if self.cache is not None:
+            self.cache[i] = x
+        return x
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        item: Dict[str, Any] = {"image": self.image(i), "index": i}
+        if self.train:
+            refs = self.encoded[i]
+            rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+            if len(refs) >= self.seq_per_img:
+                chosen = rng.sample(range(len(refs)), self.seq_per_img)
+            else:  # fewer references than seq_per_img: all of them, then repeats
+                chosen = list(range(len(refs))) + [rng.randrange(len(refs))
+                                                   for _ in range(self.seq_per_img - len(refs))]
+            v = self.vocab
+            item["labels"] = torch.tensor([make_labels(refs[j], self.max_length, v.bos, v.eos, v.pad) for j in chosen])
+        return item
+
+
+def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out = {"image": torch.stack([it["image"] for it in items]),
+           "index": torch.tensor([it["index"] for it in items])}
+    if "labels" in items[0]:
+        out["labels"] = torch.stack([it["labels"] for it in items])  # B x S x T
+    return out
