@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Benchmarks (a tool, not a test). Modes:
+
+  train   the real trainer on given shards: samples/s after warm-up, the time split by phase, FLOPs per
+          step (torch.utils.flop_counter) and achieved FLOP/s next to a measured matmul peak; with
+          --compare-in-batch the same towers and data in the in-batch (OpenCLIP loss) mode, interleaved
+          in blocks in one process, and the ratio WenLan / in-batch.
+  memory  per-process model-state bytes (parameters, gradients, optimizer state, momentum encoders)
+          for ZeRO stage 0 and 3 with 2 processes, and their ratio.
+  data    the loader alone (decode, transform, tokenise): samples/s, per worker.
+  build   the shard builder: images/s per worker process.
+
+  python tools/bench.py train --config configs/pretrain/bench.yaml --shards data/demo/shards/train --compare-in-batch
+  python tools/bench.py memory --config configs/pretrain/bench.yaml --shards data/demo/shards/train
+  python tools/bench.py data --config configs/pretrain/bench.yaml --shards data/demo/shards/train --workers 2
+  python tools/bench.py build --log data/demo/raw/clicklog.tsv --images-root data/demo/raw --workers 2
+
+Output: a table on the terminal and a JSON file (--json, default bench_<mode>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PHASES = ("data_wait", "key_forward", "query_forward", "backward", "optimizer", "momentum", "gather_enqueue")
+
+
+def machine() -> Dict[str, Any]:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(device, seconds: float = 2.0, n: int = 1024) -> float:
+    """Measured fp32 matmul FLOP/s of this device (n x n x n products for about ``seconds``)."""
+    import torch
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def build_trainer(args, overrides: List[str], mode: str, out_dir: str):
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    ov = list(overrides) + [f"wenlan.mode={mode}", f"train.output_dir={out_dir}", "data.val_shards=",
+                            f"data.train_shards={args.shards}"]
+    if args.workers is not None:
+        ov.append(f"data.num_workers={args.workers}")
+    return Trainer(load_config(args.config, ov), resume="never")
+
+
+def run_steps(tr, it, n: int, timings: Dict[str, float]) -> int:
+    """n optimizer steps of the real trainer's pieces; returns samples processed."""
+    samples = 0
+    for _ in range(n):
+        for _ in range(tr.cfg.train.grad_accum_steps):
+            t0 = time.perf_counter()
+            batch = tr._to_device(next(it))
+            timings["data_wait"] = timings.get("data_wait", 0.0) + time.perf_counter() - t0
+            tr.micro_step(batch, timings)
+            samples += batch["image"].shape[0] * tr.world
+        tr.optimizer_step(timings)
+        tr.step += 1
+    return samples
+
+
+def count_flops(tr, it) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    batch = tr._to_device(next(it))
+    with FlopCounterMode(display=False) as fc:
+        tr.micro_step(batch, {})
+        tr.optimizer_step({})
+    tr.step += 1
+    return float(fc.get_total_flops()) * tr.cfg.train.grad_accum_steps
+
+
+def mode_train(args, overrides) -> Dict[str, Any]:
+    import torch
+    modes = ["momentum", "in_batch"] if args.compare_in_batch else ["momentum"]
+    tmp = tempfile.mkdtemp(prefix="bench_")
+    trainers = {m: build_trainer(args, overrides, m, os.path.join(tmp, m)) for m in modes}
+    iters = {m: iter(trainers[m].stream) for m in modes}
+    for m in modes:
+        trainers[m].engine.train()
+        run_steps(trainers[m], iters[m], args.warmup, {})
+    flops = {m: count_flops(trainers[m], iters[m]) for m in modes}
+    results: Dict[str, Dict[str, Any]] = {m: {"samples": 0, "seconds": 0.0, "timings": {}} for m in modes}
+    rss_start = rss_mib()
+    blocks = max(1, args.steps // args.block)
+    for _ in range(blocks):  # A B A B ... so that drift of a shared machine hits both alike
+        for m in modes:
+            t0 = time.perf_counter()
+            results[m]["samples"] += run_steps(trainers[m], iters[m], args.block, results[m]["timings"])
+            results[m]["seconds"] += time.perf_counter() - t0
+    rss_end = rss_mib()
+    peak = matmul_peak(trainers[modes[0]].device)
+    out: Dict[str, Any] = {"mode": "train", "machine": machine(), "config": args.config, "overrides": overrides,
+                           "steps_timed": blocks * args.block, "warmup": args.warmup, "matmul_peak_flops": peak,
+                           "rss_mib_start": rss_start, "rss_mib_end": rss_end}
+    for m in modes:
+        r = results[m]
+        sps = r["samples"] / r["seconds"]
+        step_s = r["seconds"] / (blocks * args.block)
+        out[m] = {"samples_per_s": sps, "step_seconds": step_s, "flops_per_step": flops[m],
+                  "achieved_flops": flops[m] / step_s, "fraction_of_matmul_peak": flops[m] / step_s / peak,
+                  "time_split": {k: r["timings"].get(k, 0.0) / r["seconds"] for k in PHASES}}
+    if args.compare_in_batch:
+        out["ratio_momentum_over_in_batch"] = out["momentum"]["samples_per_s"] / out["in_batch"]["samples_per_s"]
+        out["flop_ratio_in_batch_over_momentum"] = flops["in_batch"] / flops["momentum"]
+    lines = [f"machine: {out['machine']['cpu']} ({out['machine']['cores']} cores), torch {out['machine']['torch']}",
+             f"matmul peak (fp32, measured): {peak / 1e9:.1f} GFLOP/s",
+             f"{'mode':<10}{'samples/s':>11}{'step s':>9}{'GFLOP/step':>12}{'GFLOP/s':>10}{'% peak':>8}  " +
+             " ".join(f"{k[:9]:>9}" for k in PHASES)]
+    for m in modes:
+        o = out[m]
+        lines.append(f"{m:<10}{o['samples_per_s']:>11.1f}{o['step_seconds']:>9.3f}{o['flops_per_step'] / 1e9:>12.1f}"
+                     f"{o['achieved_flops'] / 1e9:>10.1f}{100 * o['fraction_of_matmul_peak']:>7.1f}%  " +
+                     " ".join(f"{100 * o['time_split'][k]:>8.1f}%" for k in PHASES))
+    if args.compare_in_batch:
+        lines.append(f"WenLan / in-batch samples/s: {out['ratio_momentum_over_in_batch']:.3f} "
+                     f"(FLOP bound: {out['flop_ratio_in_batch_over_momentum']:.3f})")
+    lines.append(f"resident memory: {rss_start:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end")
+    out["table"] = lines
+    return out
+
+
+def _tensor_bytes(objs) -> int:
+    """Bytes of distinct storages reachable from ``objs`` (dicts, lists, tensors, parameters' ds_tensor)."""
+    import torch
+    seen, total, stack, visited = set(), 0, list(objs), set()
+    while stack:
+        o = stack.pop()
+        if id(o) in visited:
+            continue
+        visited.add(id(o))
+        if isinstance(o, torch.Tensor):
+            for t in (o, getattr(o, "ds_tensor", None), o.grad if o.is_leaf else None):
+                if isinstance(t, torch.Tensor) and t.numel() > 0:
+                    st = t.untyped_storage()
+                    if st.data_ptr() not in seen:
+                        seen.add(st.data_ptr())
+                        total += st.nbytes()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set)):
+            stack.extend(o)
+    return total
+
+
+def _memory_worker(rank, world, port, config, overrides, stage, outfile):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch
+    torch.set_num_threads(1)
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+    cfg = load_config(config, list(overrides) + [f"train.zero_stage={stage}", "data.num_workers=0",
+                                                 "train.output_dir=" + tempfile.mkdtemp(prefix="benchmem_")])
+    tr = Trainer(cfg, resume="never")
+    it = iter(tr.stream)
+    run_steps(tr, it, 2, {})
+    gc.collect()
+    opt = tr.engine.optimizer
+    parts = {
+        "engine_params_grads": _tensor_bytes(list(tr.engine.module.parameters())),
+        "optimizer": _tensor_bytes([vars(opt)] + ([vars(opt.optimizer)] if hasattr(opt, "optimizer") else [])),
+        "momentum_encoders": _tensor_bytes(list(tr.keys.key.parameters())),
+    }
+    # the optimizer's dict also reaches the parameters: count everything once, together
+    parts["total"] = _tensor_bytes(list(tr.engine.module.parameters()) + [vars(opt)] +
+                                   ([vars(opt.optimizer)] if hasattr(opt, "optimizer") else []) +
+                                   list(tr.keys.key.parameters()))
+    if rank == 0:
+        with open(outfile, "w") as f:
+            json.dump(parts, f)
+
+
+def mode_memory(args, overrides) -> Dict[str, Any]:
+    import socket
+    import torch.multiprocessing as mp
+    out: Dict[str, Any] = {"mode": "memory", "machine": machine(), "config": args.config, "processes": 2}
+    for stage in (0, 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        f = tempfile.mktemp(suffix=".json")
+        ov = list(overrides) + [f"data.train_shards={args.shards}", "data.val_shards="]
+        mp.spawn(_memory_worker, args=(2, port, args.config, ov, stage, f), nprocs=2, join=True)
+        out[f"zero{stage}"] = json.load(open(f))
+    out["ratio_zero3_over_zero0"] = out["zero3"]["total"] / out["zero0"]["total"]
+    out["table"] = [f"{'':<22}{'ZeRO-0 MiB':>12}{'ZeRO-3 MiB':>12}"] + [
+        f"{k:<22}{out['zero0'][k] / 2**20:>12.1f}{out['zero3'][k] / 2**20:>12.1f}" for k in out["zero0"]] + [
+        f"model-state memory per process, ZeRO-3 / ZeRO-0 (2 processes): {out['ratio_zero3_over_zero0']:.3f}"]
+    return out
+
+
+def mode_data(args, overrides) -> Dict[str, Any]:
+    from pretrain.config import load_config
+    from pretrain.data import ShardStream
+    from pretrain.models import build_tokenizer
+    from pretrain.trainer import build_transforms
+    import timm
+
+    cfg = load_config(args.config, list(overrides))
+    backbone = timm.create_model(cfg.model.image.name, pretrained=False, num_classes=0, **cfg.model.image.timm_kwargs)
+    train_tf, _ = build_transforms(cfg, backbone)
+    workers = cfg.data.num_workers if args.workers is None else args.workers
+    stream = ShardStream(args.shards, batch_size=cfg.train.micro_batch_size, rank=0, world_size=1,
+                         num_workers=workers, seed=0, shuffle_buffer=cfg.data.shuffle_buffer,
+                         image_transform=train_tf, tokenizer=build_tokenizer(cfg.model.text),
+                         max_length=cfg.model.text.max_length)
+    it = iter(stream)
+    for _ in range(args.warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(args.steps):
+        n += next(it)["image"].shape[0]
+    dt = time.perf_counter() - t0
+    out = {"mode": "data", "machine": machine(), "shards": args.shards, "workers": workers,
+           "samples_per_s": n / dt, "samples_per_s_per_worker": n / dt / max(workers, 1),
+           "image_size": cfg.model.image.image_size, "batch": cfg.train.micro_batch_size}
+    out["table"] = [f"loader: {out['samples_per_s']:.1f} samples/s with {workers} worker(s) "
+                    f"({out['samples_per_s_per_worker']:.1f} per worker), {cfg.model.image.image_size} px, "
+                    f"batch {cfg.train.micro_batch_size}, {args.steps} batches after {args.warmup} warm-up"]
+    return out
+
+
+def mode_build(args, overrides) -> Dict[str, Any]:
+    out_dir = tempfile.mkdtemp(prefix="benchbuild_")
+    workers = args.workers or 1
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), args.log, "--out", out_dir,
+           "--workers", str(workers)] + (["--images-root", args.images_root] if args.images_root else []) + overrides
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    report = json.load(open(os.path.join(out_dir, "report.json")))
+    written = sum(v for k, v in report.get("written", {}).items()) if isinstance(report.get("written"), dict) \
+        else report.get("written_samples", 0)
+    out = {"mode": "build", "machine": machine(), "workers": workers, "seconds": dt, "samples": written,
+           "images_per_s": written / dt, "images_per_s_per_worker": written / dt / workers}
+    out["table"] = [f"builder: {written} images in {dt:.1f} s = {written / dt:.1f} images/s with {workers} "
+                    f"worker(s) ({written / dt / workers:.1f} per worker, whole process incl. start-up)"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("train", "memory", "data", "build"))
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "pretrain", "bench.yaml"))
+    p.add_argument("--shards", default=os.path.join(ROOT, "data", "demo", "shards", "train"))
+    p.add_argument("--steps", type=int, default=40, help="timed steps (train) or batches (data)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--block", type=int, default=10, help="steps per block when interleaving modes")
+    p.add_argument("--workers", type=int, default=None, help="loader / builder workers (default: config)")
+    p.add_argument("--compare-in-batch", action="store_true", help="also run the in-batch (OpenCLIP) mode")
+    p.add_argument("--log", help="build: click log to build from")
+    p.add_argument("--images-root", help="build: images root")
+    p.add_argument("--json", default=None, help="output JSON (default bench_<mode>.json)")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides (build: extra builder options)")
+    args = p.parse_args(argv)
+    if args.mode != "build":
+        from pretrain.dist import init_distributed
+        if args.mode != "memory":
+            init_distributed("cpu")
+            from pretrain.metrics import setup_logging
+            setup_logging(0)
+    out = {"train": mode_train, "memory": mode_memory, "data": mode_data, "build": mode_build}[args.mode](
+        args, args.overrides)
+    for line in out["table"]:
+        print(line)
+    path = args.json or f"bench_{args.mode}.json"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
