@@ -122,3 +122,36 @@ def sum_counts(counts: Dict[str, float], device: torch.device = torch.device("cp
     t = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
     all_reduce(t, "sum")
     return {k: (int(v) if float(v).is_integer() else float(v)) for k, v in zip(keys, t.tolist())}
+
+
+@torch.no_grad()
+def gather_rows_in_order(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows that each rank computed for global positions ``index`` -> the full ``[total, ...]`` tensor, row i
+    at position i, on every rank. Ranks may hold different numbers of rows (padded for the all-gather, then
+    trimmed). Every position must be covered exactly once over all ranks. No gradient (evaluation)."""
+    index = index.to(device=rows.device, dtype=torch.long).reshape(-1)
+    if index.numel() != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} rows but {index.numel()} indices")
+    if is_dist() and world_size() > 1:
+        n = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
+        sizes = [torch.empty_like(n) for _ in range(world_size())]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        width = max(sizes)
+        pad_rows = rows.new_zeros((width,) + tuple(rows.shape[1:]))
+        pad_rows[:rows.shape[0]] = rows
+        pad_index = torch.full((width,), -1, dtype=torch.long, device=rows.device)
+        pad_index[:index.numel()] = index
+        all_rows = [torch.empty_like(pad_rows) for _ in sizes]
+        all_index = [torch.empty_like(pad_index) for _ in sizes]
+        dist.all_gather(all_rows, pad_rows.contiguous())
+        dist.all_gather(all_index, pad_index)
+        rows = torch.cat([r[:s] for r, s in zip(all_rows, sizes)])
+        index = torch.cat([i[:s] for i, s in zip(all_index, sizes)])
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= total):
+        raise ValueError(f"gathered row positions fall outside 0..{total - 1}")
+    if not bool((torch.bincount(index.cpu(), minlength=total) == 1).all()):
+        raise ValueError(f"gathered rows do not cover positions 0..{total - 1} exactly once")
+    out = rows.new_empty((total,) + tuple(rows.shape[1:]))
+    out[index] = rows
+    return out

@@ -188,7 +188,10 @@ class Trainer:
                            image_transform=self.train_transform, tokenizer=self.tokenizer,
                            max_length=self.cfg.model.text.max_length, allow_pipe=d.allow_pipe,
                            max_pixels=d.max_pixels, image_exts=tuple(d.image_key.split(";")), text_ext=d.text_key,
-                           max_bad_fraction=d.max_bad_fraction)
+                           max_bad_fraction=d.max_bad_fraction,
+                           # decode JPEGs reduced, but large enough for the smallest random crop
+                           decode_size=int(math.ceil(self.cfg.model.image.image_size /
+                                                     math.sqrt(d.crop_scale_min if d.augment else 1.0))))
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

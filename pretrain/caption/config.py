@@ -160,6 +160,8 @@ class EvalConfig:
     """The constant baseline is the best (on test CIDEr-D) of the k most frequent training captions."""
     test_greedy: bool = True
     """Also report greedy decoding in the final table (beside ``decode.strategy``)."""
+    batch_size: int = 50
+    """Images per rank per decoding batch in evaluation."""
 
 
 @dataclass
@@ -219,7 +221,7 @@ def validate(cfg: CaptionRunConfig) -> CaptionRunConfig:
     for key in ("data.max_length", "data.seq_per_img", "decoder.embed_dim", "decoder.hidden_dim", "decoder.feature_dim",
                 "decoder.att_dim", "decoder.num_heads", "xe.batch_size", "scst.batch_size", "scst.num_samples",
                 "scst.max_length", "decode.beam_size", "decode.max_length", "data.min_word_freq",
-                "train.log_every", "eval.constant_topk", "decoder.condition_max_length"):
+                "train.log_every", "eval.constant_topk", "eval.batch_size", "decoder.condition_max_length"):
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
     for key in ("xe.epochs", "scst.epochs", "decoder.refiner_layers", "xe.warmup_steps", "scst.warmup_steps",

@@ -93,12 +93,13 @@ def make_labels(ids: List[int], max_length: int, bos: int, eos: int, pad: int) -
 
 
 class CaptionDataset(Dataset):
-    """Items: ``image`` (3 x H x W), ``labels`` (seq_per_img x max_length+2, training only), ``index``."""
+    """Items: ``image`` (3 x H x W), ``index``, and with ``train`` (while ``with_labels`` is true) ``labels``
+    (seq_per_img references drawn from the unit's, each ``max_length + 2`` ids)."""
 
     def __init__(self, units: List[CaptionUnit], transform, vocab=None, max_length: int = 16, seq_per_img: int = 5,
                  train: bool = False, cache_images: bool = False, seed: int = 0):
         self.units, self.transform, self.vocab = units, transform, vocab
-        self.max_length, self.seq_per_img, self.train = max_length, seq_per_img, train
+        self.max_length, self.seq_per_img, self.with_labels = max_length, seq_per_img, train
         self.cache: Optional[Dict[int, torch.Tensor]] = {} if cache_images else None
         self.seed, self.epoch = seed, 0
         if train:
@@ -123,7 +124,7 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         item: Dict[str, Any] = {"image": self.image(i), "index": i}
-        if self.train:
+        if self.with_labels:
             refs = self.encoded[i]
             rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + i)
             if len(refs) >= self.seq_per_img:

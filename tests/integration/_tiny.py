@@ -74,3 +74,37 @@ def set_dist_env(rank: int, world: int, port: int) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+
+
+def write_shards(out_dir: str, sizes, image_size: int = 32, seed: int = 0, prefix: str = "shard") -> list:
+    """Tiny WebDataset shards written with tarfile: KEY.jpg (a coloured square), KEY.txt, KEY.json."""
+    import io
+    import json
+    import random
+    import tarfile
+
+    from PIL import Image
+
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    rng = random.Random(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    paths, counter = [], 0
+    for s, n in enumerate(sizes):
+        path = os.path.join(out_dir, f"{prefix}-{s:06d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for _ in range(n):
+                name = rng.choice(sorted(colors))
+                img = Image.new("RGB", (image_size, image_size), colors[name])
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG")
+                key = f"{counter:09d}"
+                files = {f"{key}.jpg": buf.getvalue(), f"{key}.txt": f"{name} square".encode(),
+                         f"{key}.json": json.dumps({"query_id": sorted(colors).index(name),
+                                                    "image_id": counter, "clicks": rng.randint(1, 5)}).encode()}
+                for fname, data in files.items():
+                    info = tarfile.TarInfo(fname)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                counter += 1
+        paths.append(path)
+    return paths
