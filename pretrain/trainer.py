@@ -340,10 +340,12 @@ class Trainer:
         metrics: Dict[str, Any] = {k: float(v) / n_all for k, v in zip(keys, vec[:-1])} if n_all else {}
         if not n_all:
             metrics.update({k: float("nan") for k in ("loss", "loss_i2t", "loss_t2i")})
-        lrs = self.engine.get_lr()
+        groups = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.engine.optimizer.param_groups)}
+        tower_lr = groups.get("tower_decay", groups.get("tower_nodecay"))
+        head_lr = groups.get("head_decay", groups.get("head_nodecay"))
         metrics.update({
-            "lr": lrs[0] if lrs else None,
-            "lr_head": max(lrs) if lrs else None,
+            "lr": tower_lr,
+            "lr_head": head_lr,
             "momentum": momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan),
             "samples_per_s": win_samples / elapsed,
             "data_wait_frac": window.get("data_wait", 0.0) / elapsed,

@@ -51,7 +51,7 @@ key, query_id, image_id, clicks, impressions, query (original text of the first 
 ("FILE:LINE" of the first row; for Parquet LINE is the 1-based row number), rows (how many input
 rows were aggregated), image_sha1, image_path (the path/URL as written in the log, null for
 base64), width, height (stored JPEG), original_width, original_height, split, and timestamp
-(first row's value, only when the log has that column).
+(first row's value, an integer when it looks like one; only when the log has that column).
 query_id: the --query-id-col value (first non-empty in row order for that normalised query), else
 blake2b-64 of the normalised query, shifted right by 1 (a non-negative int64). image_id: the
 --image-id-col value (first non-empty in row order for that image content), else the first 64 bits
@@ -649,7 +649,7 @@ def _pool(workers):
 def _progress(args, **kw):
     from tqdm import tqdm
 
-    return tqdm(file=sys.stderr, disable=True if args.no_progress else None, dynamic_ncols=True, **kw)
+    return tqdm(file=sys.stderr, disable=True if getattr(args, "no_progress", False) else None, dynamic_ncols=True, **kw)
 
 
 def make_plan(args, files, pool):
@@ -712,7 +712,7 @@ def make_plan(args, files, pool):
                 agg = aggs.get(key)
                 if agg is None:
                     agg = aggs[key] = _RefAgg(qnorm, ref, image_path, loc, q,
-                                              _json_scalar(rec.get(cols["timestamp"])))
+                                              _json_scalar(parse_id(rec.get(cols["timestamp"]))))
                 elif len(agg.locs) < FIRST_N:
                     agg.locs.append(loc)
                 agg.rows += 1
@@ -981,6 +981,7 @@ def write_shards(args, fs, root, shards, rows_by_shard, pending, pool):
     results = pool.imap(render_image, tasks, chunksize=4) if pool else map(render_image, tasks)
     total = sum(shards[s][i]["count"] for s, i in pending)
     failed, samples = [], 0
+    crash_after = getattr(args, "debug_crash_after_shards", None)  # test hook: simulate a kill
     with _progress(args, desc="write shards", unit=" img", total=total) as bar:
         for n, (split, i) in enumerate(pending):
             sh = shards[split][i]
@@ -1001,8 +1002,7 @@ def write_shards(args, fs, root, shards, rows_by_shard, pending, pool):
                     _tar_add(tar, key + ".txt", row["txt"].encode("utf-8"))
                     _tar_add(tar, key + ".json", row["json"].encode("utf-8"))
                     bar.update(1)
-                    if args.debug_crash_after_shards is not None and n == args.debug_crash_after_shards \
-                            and j == len(rows) // 2:
+                    if crash_after is not None and n == crash_after and j == len(rows) // 2:
                         f.flush()
                         os._exit(75)  # simulates a killed build: half a .tmp shard, no cleanup
                 tar.close()

@@ -155,6 +155,12 @@ def evaluate_captions(refs: Dict[str, List[str]], hyps: Dict[str, str],
     ``refs_tokenized``: the references already passed through ``tokenize`` (saves a JVM start)."""
     if set(refs) != set(hyps):
         raise ValueError("evaluate_captions: references and candidates must have the same keys")
-    gts = refs_tokenized if refs_tokenized is not None else tokenize(refs, method)
-    res = tokenize({k: [h] for k, h in hyps.items()}, method)
+    if refs_tokenized is not None:
+        gts = refs_tokenized
+        res = tokenize({k: [h] for k, h in hyps.items()}, method)
+    else:  # one tokenizer run (one JVM start) for references and candidates
+        both = tokenize({**{("ref", k): v for k, v in refs.items()}, **{("hyp", k): [h] for k, h in hyps.items()}},
+                        method)
+        gts = {k: both[("ref", k)] for k in refs}
+        res = {k: both[("hyp", k)] for k in hyps}
     return score_tokenized(gts, res, metrics)

@@ -212,7 +212,7 @@ class _TrainBatches(IterableDataset):
         for _ in range(done * bs):  # replay: read and check, no decoding
             next(records)
         if done:
-            pass  # includes decode failures the replay did not see
+            counts.update(self.worker_counts[worker])  # includes decode failures the replay did not see
         while True:
             recs = [next(records) for _ in range(bs)]
             aug_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 2, done])

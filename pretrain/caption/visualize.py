@@ -1,0 +1,107 @@
+"""Caption one picture and draw where the decoder looked for every word.
+
+``save_attention_grid`` writes one PNG: the caption on top, then one panel per word (the photo as the model saw
+it, the word's attention map upsampled over it as a heat map, the word as title). Maps are scaled per word to
+their own maximum; the panel title gives that maximum (the share of attention on the hottest region).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .decoding import DecodeRules, decode
+
+log = logging.getLogger(__name__)
+
+FONT_CANDIDATES = ["/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+                   "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
+                   "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+                   "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    for path in FONT_CANDIDATES:
+        if os.path.exists(path):
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def center_square(image):
+    """The part of the photo the eval transform keeps (shorter side resized, centre crop)."""
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s))
+
+
+def heat_colours(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8 of a blue-cyan-yellow-red ramp (jet-like)."""
+    x = np.clip(x, 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def save_attention_grid(photo, words: Sequence[str], maps: np.ndarray, path: str, caption: Optional[str] = None,
+                        panel: int = 160, columns: Optional[int] = None, alpha: float = 0.55) -> str:
+    """photo: PIL image; maps: len(words) x h x w attention over the token grid. Writes and returns ``path``."""
+    from PIL import Image, ImageDraw
+
+    n = len(words)
+    if n == 0:
+        raise ValueError("no words to draw")
+    cols = columns or min(n, 5)
+    rows = math.ceil(n / cols)
+    title_h, header_h, pad = 26, 34, 6
+    base = center_square(photo.convert("RGB")).resize((panel, panel), Image.BICUBIC)
+    sheet = Image.new("RGB", (cols * (panel + pad) + pad, header_h + rows * (panel + title_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 6), caption if caption is not None else " ".join(words), fill="black", font=_font(18))
+    font = _font(16)
+    for i, (word, m) in enumerate(zip(words, maps)):
+        m = np.asarray(m, dtype=np.float32)
+        peak = float(m.max())
+        scaled = m / peak if peak > 0 else m
+        heat = Image.fromarray(scaled).resize((panel, panel), Image.BILINEAR)  # float image, upsampled smoothly
+        rgb = Image.fromarray(heat_colours(np.asarray(heat)))
+        blended = Image.blend(base, rgb, alpha)
+        x = pad + (i % cols) * (panel + pad)
+        y = header_h + (i // cols) * (panel + title_h + pad)
+        draw.text((x + 2, y + 3), f"{word}  ({peak:.2f})", fill="black", font=font)
+        sheet.paste(blended, (x, y + title_h))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+@torch.no_grad()
+def caption_image(model, vocab, transform, photo, rules: DecodeRules, strategy: str = "beam", beam_size: int = 3,
+                  length_penalty: float = 0.0, condition: Optional[str] = None
+                  ) -> Tuple[str, List[str], Optional[np.ndarray]]:
+    """(caption, its words/tokens, attention maps len(words) x h x w or None) for one PIL image."""
+    device = next(model.parameters()).device
+    x = transform(photo.convert("RGB")).unsqueeze(0).to(device)
+    memory = model.encode(x, [condition] if condition is not None else None)
+    seqs, att = decode(model.decoder, memory, rules, strategy, beam_size, length_penalty, return_attention=True)
+    ids = seqs[0].tolist()
+    words = vocab.tokens(ids)
+    caption = vocab.decode(ids)
+    maps = None
+    if att is not None and getattr(model.decoder, "has_attention", False):
+        prefix, h, w = model.attention_grid(att.shape[-1])
+        maps = att[0, :len(words), prefix:].float().cpu().numpy().reshape(len(words), h, w)
+    return caption, words, maps
