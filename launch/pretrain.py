@@ -37,12 +37,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from pretrain.data import DataError
     from pretrain.trainer import Trainer, TrainingStopped
 
     try:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()
-    except TrainingStopped as e:
+    except (TrainingStopped, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as e:  # bad paths, shards, checkpoints: a message, not a traceback

@@ -34,6 +34,9 @@ class CaptionDataConfig:
     condition_field: str = ""
     """Key of each sentence holding a condition text (e.g. ``answer`` for answer-conditioned question generation,
     IVQA). Sentences of one image are grouped by their condition; empty: no condition."""
+    random_shift: int = 0
+    """Training augmentation: shift each image by up to this many pixels (edges replicated); no flips, which would
+    swap left and right in the captions. 0: off."""
     cache_images: bool = False
     """Keep decoded image tensors in memory after the first read (small data sets)."""
     num_workers: int = 0
@@ -225,7 +228,7 @@ def validate(cfg: CaptionRunConfig) -> CaptionRunConfig:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
     for key in ("xe.epochs", "scst.epochs", "decoder.refiner_layers", "xe.warmup_steps", "scst.warmup_steps",
-                "data.num_workers", "data.max_val_images", "decode.min_length"):
+                "data.num_workers", "data.max_val_images", "data.random_shift", "decode.min_length"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
     for key in ("decoder.dropout", "xe.label_smoothing", "xe.ss_max_prob", "xe.min_lr_ratio"):

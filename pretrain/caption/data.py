@@ -97,11 +97,12 @@ class CaptionDataset(Dataset):
     (seq_per_img references drawn from the unit's, each ``max_length + 2`` ids)."""
 
     def __init__(self, units: List[CaptionUnit], transform, vocab=None, max_length: int = 16, seq_per_img: int = 5,
-                 train: bool = False, cache_images: bool = False, seed: int = 0):
+                 train: bool = False, cache_images: bool = False, seed: int = 0, random_shift: int = 0):
         self.units, self.transform, self.vocab = units, transform, vocab
         self.max_length, self.seq_per_img, self.with_labels = max_length, seq_per_img, train
         self.cache: Optional[Dict[int, torch.Tensor]] = {} if cache_images else None
         self.seed, self.epoch = seed, 0
+        self.random_shift = random_shift if train else 0
         if train:
             self.encoded = [[vocab.encode(s) for s in u.sentences] for u in units]
 
@@ -123,10 +124,10 @@ class CaptionDataset(Dataset):
         return x
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        item: Dict[str, Any] = {"image": self.image(i), "index": i}
+        rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+        item: Dict[str, Any] = {"image": shift(self.image(i), self.random_shift, rng), "index": i}
         if self.with_labels:
             refs = self.encoded[i]
-            rng = random.Random(self.seed * 1_000_003 + self.epoch * 10_007 + i)
             if len(refs) >= self.seq_per_img:
                 chosen = rng.sample(range(len(refs)), self.seq_per_img)
             else:  # fewer references than seq_per_img: all of them, then repeats
@@ -135,6 +136,19 @@ class CaptionDataset(Dataset):
             v = self.vocab
             item["labels"] = torch.tensor([make_labels(refs[j], self.max_length, v.bos, v.eos, v.pad) for j in chosen])
         return item
+
+
+def shift(image: torch.Tensor, max_shift: int, rng: random.Random) -> torch.Tensor:
+    """Translate a C x H x W image by up to ``max_shift`` pixels each way, replicating the edges."""
+    if max_shift <= 0:
+        return image
+    import torch.nn.functional as F
+
+    dx, dy = rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift)
+    m = max_shift
+    padded = F.pad(image.unsqueeze(0), (m, m, m, m), mode="replicate")[0]
+    h, w = image.shape[1:]
+    return padded[:, m + dy:m + dy + h, m + dx:m + dx + w]
 
 
 def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:

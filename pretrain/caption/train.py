@@ -155,7 +155,8 @@ class CaptionTrainer:
                  len(self.units["train"]), len(self.units["val"]), len(self.units["test"]), self.vocab.size,
                  d.vocab, cfg.decoder.kind, n_dec / 1e6)
         self.train_set = CaptionDataset(self.units["train"], self.transform, self.vocab, d.max_length,
-                                        d.seq_per_img, train=True, cache_images=d.cache_images, seed=t.seed)
+                                        d.seq_per_img, train=True, cache_images=d.cache_images, seed=t.seed,
+                                        random_shift=d.random_shift)
         self.eval_sets = {k: CaptionDataset(self.units[k], self.transform, cache_images=d.cache_images)
                           for k in ("val", "test")}
         dc = cfg.decode

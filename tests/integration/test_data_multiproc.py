@@ -110,9 +110,10 @@ def rank_main(rank, world, port, root, phase):
                 dist.all_reduce(torch.ones(1))  # a collective per step, as training does
             return keys
 
+        import time as _t; _t0 = _t.time(); print(rank, "init", flush=True)
         if phase == "first":
             s = stream(uneven)
-            out["steps"] = len(run(s, STEPS)) // BATCH
+            out["steps"] = len(run(s, STEPS)) // BATCH; print(rank, "a", _t.time() - _t0, flush=True)
             dist.barrier()
             # (b) planted corruptions: eval reads every shard once, counts split over ranks
             counts = {}
