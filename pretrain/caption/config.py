@@ -130,6 +130,9 @@ class SCSTConfig:
     """Sampling temperature."""
     max_length: int = 16
     """Longest sampled caption (tokens before EOS)."""
+    init_from: str = ""
+    """A model directory (e.g. an earlier run's ``xe_best``) to start SCST from when ``xe.epochs`` is 0; it must
+    have been trained with the same data and vocabulary settings."""
 
 
 @dataclass
@@ -242,8 +245,9 @@ def validate(cfg: CaptionRunConfig) -> CaptionRunConfig:
                           "(the baseline is the mean reward of the other samples)")
     if cfg.scst.temperature <= 0 or cfg.decode.temperature <= 0:
         raise ConfigError("config keys 'scst.temperature' and 'decode.temperature' must be > 0")
-    if cfg.xe.epochs == 0 and cfg.scst.epochs > 0:
-        raise ConfigError("config key 'scst.epochs' > 0 needs 'xe.epochs' > 0 (SCST starts from the best XE model)")
+    if cfg.xe.epochs == 0 and cfg.scst.epochs > 0 and not cfg.scst.init_from:
+        raise ConfigError("config key 'scst.epochs' > 0 needs 'xe.epochs' > 0 or 'scst.init_from' (SCST starts from "
+                          "the best XE model)")
     for m in cfg.eval.test_metrics:
         if m not in METRIC_NAMES:
             raise ConfigError(f"config key 'eval.test_metrics' has '{m}'; choose from {list(METRIC_NAMES)}")

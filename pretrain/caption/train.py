@@ -284,6 +284,7 @@ class CaptionTrainer:
         engine, _, _, scheduler = deepspeed.initialize(
             model=step_module, optimizer=optimizer, config=derive_deepspeed_config(cfg, pc.batch_size, self.world),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas))
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank + (0 if phase == "xe" else 1))  # own samples per rank
         best_dir = os.path.join(cfg.train.output_dir, f"{phase}_best")
         best = -1.0
         t0 = time.time()
@@ -309,13 +310,13 @@ class CaptionTrainer:
                 engine.step()
                 self.global_step += 1
                 for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if self.global_step % cfg.train.log_every == 0:
-                    m = {f"{phase}/{k}": float(v) for k, v in out.items()}
+                    m = {f"{phase}/{k}": float(v.detach()) for k, v in out.items()}
                     m[f"{phase}/lr"] = scheduler.get_last_lr()[0]
                     self.writer.write(self.global_step, m, progress=False)
                     log.info("%s epoch %d step %d/%d | %s", phase, epoch, i + 1, steps_per_epoch,
-                             " | ".join(f"{k} {float(v):.4g}" for k, v in out.items()))
+                             " | ".join(f"{k} {float(v.detach()):.4g}" for k, v in out.items()))
             score = self.val_cider(model)
             means = {f"{phase}/epoch_{k}": v / max(steps_per_epoch, 1) for k, v in sums.items()}
             self.writer.write(self.global_step, {**means, f"{phase}/val_cider_d": score, "epoch": epoch},
@@ -356,6 +357,19 @@ class CaptionTrainer:
             log.info("test %s %s: %s", phase, label,
                      " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None))
 
+    def _load_init(self, model_dir: str) -> Dict[str, torch.Tensor]:
+        """Weights of an earlier model directory; its vocabulary must be this run's."""
+        from .vocab import load_vocab
+
+        other = load_vocab(model_dir)
+        same = (other.kind == self.vocab.kind and
+                (other.itos == self.vocab.itos if isinstance(other, WordVocab) else other.size == self.vocab.size))
+        if not same:
+            raise ValueError(f"scst.init_from={model_dir} was trained with another vocabulary than this run builds "
+                             f"(data.vocab, data.min_word_freq and the training split must be the same)")
+        log.info("SCST starts from %s", model_dir)
+        return _load_state(model_dir)
+
     # ------------------------------------------------------------------ the run
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -368,6 +382,8 @@ class CaptionTrainer:
         if cfg.xe.epochs:
             best_dir, _ = self.run_phase("xe", None)
             states["xe"] = _load_state(best_dir)
+        elif cfg.scst.init_from:
+            states["xe"] = self._load_init(cfg.scst.init_from)
         if cfg.scst.epochs:
             best_dir, _ = self.run_phase("scst", states["xe"])
             states["scst"] = _load_state(best_dir)

@@ -1,8 +1,9 @@
 """Caption one picture and draw where the decoder looked for every word.
 
 ``save_attention_grid`` writes one PNG: the caption on top, then one panel per word (the photo as the model saw
-it, the word's attention map upsampled over it as a heat map, the word as title). Maps are scaled per word to
-their own maximum; the panel title gives that maximum (the share of attention on the hottest region).
+it, the word's attention map upsampled over it: the photo is dimmed where the word did not look and tinted with
+a blue-to-red heat colour where it did, the word as title). Maps are scaled per word to their own maximum; the
+panel title gives that maximum (the share of attention on the hottest region).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def heat_colours(x: np.ndarray) -> np.ndarray:
 
 
 def save_attention_grid(photo, words: Sequence[str], maps: np.ndarray, path: str, caption: Optional[str] = None,
-                        panel: int = 160, columns: Optional[int] = None, alpha: float = 0.55) -> str:
+                        panel: int = 160, columns: Optional[int] = None, alpha: float = 0.4) -> str:
     """photo: PIL image; maps: len(words) x h x w attention over the token grid. Writes and returns ``path``."""
     from PIL import Image, ImageDraw
 
@@ -76,9 +77,11 @@ def save_attention_grid(photo, words: Sequence[str], maps: np.ndarray, path: str
         m = np.asarray(m, dtype=np.float32)
         peak = float(m.max())
         scaled = m / peak if peak > 0 else m
-        heat = Image.fromarray(scaled).resize((panel, panel), Image.BILINEAR)  # float image, upsampled smoothly
-        rgb = Image.fromarray(heat_colours(np.asarray(heat)))
-        blended = Image.blend(base, rgb, alpha)
+        heat = np.asarray(Image.fromarray(scaled).resize((panel, panel), Image.BILINEAR))  # upsampled smoothly
+        # the photo dimmed where the word did not look, then the heat colours laid over it
+        lit = np.asarray(base, dtype=np.float32) * (0.25 + 0.75 * heat[..., None])
+        mixed = (1 - alpha) * lit + alpha * heat_colours(heat).astype(np.float32) * heat[..., None] ** 0.5
+        blended = Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
         x = pad + (i % cols) * (panel + pad)
         y = header_h + (i // cols) * (panel + title_h + pad)
         draw.text((x + 2, y + 3), f"{word}  ({peak:.2f})", fill="black", font=font)

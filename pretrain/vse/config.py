@@ -99,8 +99,9 @@ class VSELossConfig:
     """Hinge: the first N epochs sum over all negatives before switching to ``max_violation`` (helps from scratch)."""
     temperature: float = 0.05
     """InfoNCE softmax temperature."""
-    mask_same_image: bool = True
-    """Two captions of the same image in one batch are not each other's negatives (VSE++ does not mask them)."""
+    mask_false_negatives: bool = True
+    """In a batch, pairs sharing the image (two captions of one image) or the caption text (a repeated query; shards:
+    the query id) are not negatives. VSE++ does not mask them; click logs repeat queries over many images."""
     global_negatives: bool = True
     """Score against the embeddings of every rank's batch (all-gather; gradients flow into the local part)."""
 

@@ -9,7 +9,6 @@ character a word of its own (Chinese queries have no spaces).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from typing import Dict, Iterable, List, Sequence, Union

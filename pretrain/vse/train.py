@@ -272,7 +272,7 @@ class VSETrainer:
             img, txt = dist.all_gather_with_local_grad(img), dist.all_gather_with_local_grad(txt)   # G*M x D
             image_ids = dist.concat_all_gather(image_ids)
             text_ids = dist.concat_all_gather(text_ids) if text_ids is not None else None
-        if not c.mask_same_image:
+        if not c.mask_false_negatives:
             image_ids = text_ids = None
         if c.kind == "hinge":
             return hinge_loss(img, txt, c.margin, c.max_violation and self.epoch >= c.warmup_epochs, image_ids, text_ids)
@@ -284,13 +284,14 @@ class VSETrainer:
         self._set_frozen(self.epoch < self.cfg.optim.freeze_epochs)
         self._apply_backbone_modes()
         total, n, skipped = 0.0, 0, 0
-        t0 = time.perf_counter()
+        window, window_n = 0.0, 0
+        t0 = tw = time.perf_counter()
         for batch in self._batches():
             self._set_lrs()
             images = batch["image"].to(self.device, non_blocking=True)
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             if self.cfg.data.source == "karpathy":
-                image_ids, text_ids = batch["image_index"].to(self.device), None
+                image_ids, text_ids = batch["image_index"].to(self.device), batch["text_id"].to(self.device)
             else:
                 image_ids, text_ids = batch["image_id"].to(self.device), batch["query_id"].to(self.device)
             with self.autocast:
@@ -306,12 +307,15 @@ class VSETrainer:
             self.engine.step()
             self.step += 1
             total += float(loss.detach())
+            window += float(loss.detach())
             n += 1
+            window_n += 1
             if self.step % t.log_every == 0:
                 lrs = {f"lr_{g['name']}": g["lr"] for g in self.engine.optimizer.param_groups if g["name"].endswith("_decay")}
-                self.writer.write(self.step, {"loss": total / max(n, 1), "epoch": self.epoch,
-                                              "samples_per_s": n * t.batch_size * self.world / (time.perf_counter() - t0),
-                                              **lrs})
+                elapsed = time.perf_counter() - tw
+                self.writer.write(self.step, {"loss": window / window_n, "epoch": self.epoch,
+                                              "samples_per_s": window_n * t.batch_size * self.world / elapsed, **lrs})
+                window, window_n, tw = 0.0, 0, time.perf_counter()
         stats = dist.all_reduce(torch.tensor([total, float(n)], dtype=torch.float64))
         return {"loss": float(stats[0] / max(stats[1], 1)), "steps": n, "skipped": skipped,
                 "seconds": time.perf_counter() - t0}

@@ -8,24 +8,24 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from _tiny import SyntheticStream, free_port, set_dist_env, tiny_overrides
+from _tiny import SyntheticStream, free_port, set_dist_env, tiny_overrides, write_shards
 
 
-def worker(rank, world, port, overrides, resume, outfile):
+def worker(rank, world, port, overrides, resume, outfile, synthetic):
     set_dist_env(rank, world, port)
     torch.set_num_threads(1)
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
     cfg = load_config(None, overrides)
-    tr = Trainer(cfg, resume=resume, stream=SyntheticStream(rank))
+    tr = Trainer(cfg, resume=resume, stream=SyntheticStream(rank) if synthetic else None)
     tr.fit()
     torch.save({"step": tr.step, "skipped": tr.skipped, "queue": tr.keys.image_queue.features.clone(),
                 "key0": tr.keys.full_parameters()[0]}, f"{outfile}_{rank}.pt")
 
 
-def run(overrides, resume, outfile):
-    mp.spawn(worker, args=(2, free_port(), overrides, resume, str(outfile)), nprocs=2, join=True)
+def run(overrides, resume, outfile, synthetic=True):
+    mp.spawn(worker, args=(2, free_port(), overrides, resume, str(outfile), synthetic), nprocs=2, join=True)
     return [torch.load(f"{outfile}_{r}.pt") for r in range(2)]
 
 
@@ -43,13 +43,17 @@ def losses(run_dir):
 def test_stop_resume_equals_uninterrupted(stage, tmp_path):
     n = 4
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    a = run(tiny_overrides(full, stage, **{"train.steps": 2 * n}), "never", tmp_path / "a")
-    run(tiny_overrides(part, stage, **{"train.steps": 2 * n, "train.stop_at": n}), "never", tmp_path / "b1")
+    # real shards through the real loader (1 worker per rank, augmentation on): same data order after resume
+    write_shards(str(tmp_path / "shards"), [13, 7, 0, 21], seed=3)
+    data = {"data.train_shards": str(tmp_path / "shards"), "data.num_workers": 1, "data.shuffle_buffer": 8}
+    a = run(tiny_overrides(full, stage, **{"train.steps": 2 * n}, **data), "never", tmp_path / "a", False)
+    run(tiny_overrides(part, stage, **{"train.steps": 2 * n, "train.stop_at": n}, **data), "never",
+        tmp_path / "b1", False)
     # a save killed midway: a newer tag without its COMPLETE marker must be ignored by --resume auto
     ck = os.path.join(part, "checkpoints")
     shutil.copytree(os.path.join(ck, f"step_{n:08d}"), os.path.join(ck, "step_00000099"))
     os.remove(os.path.join(ck, "step_00000099", "COMPLETE"))
-    b = run(tiny_overrides(part, stage, **{"train.steps": 2 * n}), "auto", tmp_path / "b2")
+    b = run(tiny_overrides(part, stage, **{"train.steps": 2 * n}, **data), "auto", tmp_path / "b2", False)
     la, lb = losses(full), losses(part)
     assert sorted(lb) == list(range(1, 2 * n + 1))  # resumed at n, not at the fake step 99
     for s in range(1, 2 * n + 1):
