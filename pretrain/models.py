@@ -115,6 +115,14 @@ class TextTower(nn.Module):
             if not hasattr(hf_config, k):
                 raise ValueError(f"model.text.config_overrides: '{k}' is not a field of {type(hf_config).__name__}")
             setattr(hf_config, k, v)
+        if not cfg.pretrained and cfg.tokenizer and "vocab_size" not in cfg.config_overrides:
+            tok = build_tokenizer(cfg)  # a tower trained from scratch takes its vocabulary from the tokenizer
+            hf_config.vocab_size = len(tok)
+            if tok.pad_token_id is not None:
+                hf_config.pad_token_id = tok.pad_token_id
+        elif cfg.pretrained and cfg.tokenizer:
+            log.warning("model.text.tokenizer=%s with pretrained weights: the ids must match the pretrained "
+                        "vocabulary", cfg.tokenizer)
         if cfg.pretrained:
             self.encoder = AutoModel.from_pretrained(path, config=hf_config, add_pooling_layer=False)
         else:

@@ -8,6 +8,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_
 if [ ! -f data/demo/shards/train/sizes.json ]; then
   .venv/bin/python tools/make_demo_data.py --out data/demo
 fi
+if [ ! -f data/demo/tokenizer/tokenizer.json ]; then
+  .venv/bin/python tools/build_tokenizer.py data/demo/shards/train --out data/demo/tokenizer
+fi
 rm -rf runs/demo   # the demo always starts fresh
 start=$(date +%s)
 PATH="$PWD/.venv/bin:$PATH" deepspeed --num_gpus 2 launch/pretrain.py --config configs/pretrain/demo.yaml --resume never "$@"

@@ -17,6 +17,7 @@ def tiny_overrides(output_dir: str, stage: int, **extra) -> list:
     items = {
         "model.image.name": "test_resnet", "model.image.image_size": 32,
         "model.text.pretrained": "false", "model.text.config_overrides": TINY_TEXT, "model.text.max_length": 8,
+        "model.text.tokenizer": "minilm",
         "model.embed_dim": 16, "model.projection_hidden": 32,
         "wenlan.queue_size": 20, "wenlan.momentum": 0.9, "wenlan.temperature": 0.1,
         "optim.lr": 1e-2, "optim.head_lr": 1e-2, "optim.warmup_steps": 1, "optim.weight_decay": 0.0,
