@@ -100,7 +100,8 @@ def rank_main(rank, world, port, root, phase):
 
         def stream(spec):
             return ShardStream(spec, batch_size=BATCH, rank=rank, world_size=world, num_workers=WORKERS, seed=7,
-                               shuffle_buffer=16, image_transform=to_tensor16, tokenizer=tok, max_length=8)
+                               shuffle_buffer=16, image_transform=to_tensor16, tokenizer=tok, max_length=8,
+                               multiprocessing_context="fork")  # spawned ranks would spawn their workers too (slow)
 
         def run(s, n):
             it, keys = iter(s), []
@@ -110,10 +111,9 @@ def rank_main(rank, world, port, root, phase):
                 dist.all_reduce(torch.ones(1))  # a collective per step, as training does
             return keys
 
-        import time as _t; _t0 = _t.time(); print(rank, "init", flush=True)
         if phase == "first":
             s = stream(uneven)
-            out["steps"] = len(run(s, STEPS)) // BATCH; print(rank, "a", _t.time() - _t0, flush=True)
+            out["steps"] = len(run(s, STEPS)) // BATCH
             dist.barrier()
             # (b) planted corruptions: eval reads every shard once, counts split over ranks
             counts = {}
