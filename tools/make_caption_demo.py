@@ -4,7 +4,7 @@ Each 64x64 picture holds two coloured shapes (8 colours x 6 shapes) of varied si
 varied background; its five reference captions name both objects ("a red circle and a blue square",
 "a blue square next to a red circle", "a red circle to the left of a blue square", ...).
 
-    python tools/make_caption_demo.py --out data/caption_demo [--train 400 --val 100 --test 100 --seed 0]
+    python tools/make_caption_demo.py --out data/caption_demo [--train 800 --val 100 --test 100 --seed 0]
 
 Writes ``OUT/dataset.json`` (Karpathy split format) and ``OUT/images/*.png``.
 """
@@ -128,7 +128,7 @@ def build(out: str, n_train: int, n_val: int, n_test: int, seed: int) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/caption_demo", help="output directory")
-    p.add_argument("--train", type=int, default=400, help="training images")
+    p.add_argument("--train", type=int, default=800, help="training images")
     p.add_argument("--val", type=int, default=100, help="validation images")
     p.add_argument("--test", type=int, default=100, help="test images")
     p.add_argument("--seed", type=int, default=0, help="random seed")

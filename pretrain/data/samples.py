@@ -100,6 +100,8 @@ def _members(stream: BinaryIO) -> Iterator[Tuple[str, Callable[[], bytes]]]:
             if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
                 raise ValueError("checksum mismatch")
             size = _number(header[124:136]) if kind in (b"x", b"g") else int(pax.get("size", _number(header[124:136])))
+            if size < 0:
+                raise ValueError(f"negative size {size}")
         except ValueError as e:
             raise ShardFormatError(f"corrupt tar header at byte {offset} ({e})") from None
         if kind in (b"0", b"\0", b"7"):

