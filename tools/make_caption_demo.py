@@ -6,7 +6,10 @@ varied background; its five reference captions name both objects ("a red circle 
 
     python tools/make_caption_demo.py --out data/caption_demo [--train 800 --val 100 --test 100 --seed 0]
 
-Writes ``OUT/dataset.json`` (Karpathy split format) and ``OUT/images/*.png``.
+Writes ``OUT/dataset.json`` (Karpathy split format) and ``OUT/images/*.png``. With ``--conditioned`` every
+sentence also has a ``focus`` field (a condition text, for ``data.condition_field=focus``): ``both`` for the
+five captions above, and ``left`` / ``right`` for two more captions per side that name only that object
+("a red circle", "a red circle on the left").
 """
 from __future__ import annotations
 
@@ -101,7 +104,7 @@ def make_image(rng: random.Random):
     return img, captions_for(names[0], names[1], left, right), objs, places
 
 
-def build(out: str, n_train: int, n_val: int, n_test: int, seed: int) -> str:
+def build(out: str, n_train: int, n_val: int, n_test: int, seed: int, conditioned: bool = False) -> str:
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     images, sentid = [], 0
@@ -110,10 +113,18 @@ def build(out: str, n_train: int, n_val: int, n_test: int, seed: int) -> str:
             img, caps, objs, places = make_image(rng)
             name = f"{split}_{i:05d}.png"
             img.save(os.path.join(out, "images", name))
+            focus = ["both"] * len(caps)
+            if conditioned:
+                names = [_an(f"{c} {s}") for c, s in objs]
+                left, right = (names[0], names[1]) if places[0][0] < places[1][0] else (names[1], names[0])
+                caps = caps + [left, f"{left} on the left", right, f"{right} on the right"]
+                focus += ["left", "left", "right", "right"]
             sents = []
-            for c in caps:
-                sents.append({"raw": c[0].upper() + c[1:] + ".", "tokens": c.split(), "imgid": len(images),
-                              "sentid": sentid})
+            for c, f in zip(caps, focus):
+                sent = {"raw": c[0].upper() + c[1:] + ".", "tokens": c.split(), "imgid": len(images), "sentid": sentid}
+                if conditioned:
+                    sent["focus"] = f
+                sents.append(sent)
                 sentid += 1
             images.append({"filepath": "images", "filename": name, "split": split, "imgid": len(images),
                            "sentids": [s["sentid"] for s in sents], "sentences": sents,
@@ -132,8 +143,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--val", type=int, default=100, help="validation images")
     p.add_argument("--test", type=int, default=100, help="test images")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--conditioned", action="store_true", help="add the 'focus' condition field (both/left/right)")
     a = p.parse_args(argv)
-    path = build(a.out, a.train, a.val, a.test, a.seed)
+    path = build(a.out, a.train, a.val, a.test, a.seed, a.conditioned)
     print(f"wrote {path} ({a.train} train, {a.val} val, {a.test} test images, 5 captions each)")
     return 0
 

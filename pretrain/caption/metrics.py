@@ -96,43 +96,63 @@ def score_tokenized(gts: Dict[str, List[str]], res: Dict[str, List[str]],
                     ) -> Tuple[Dict[str, Optional[float]], Dict[str, str]]:
     """pycocoevalcap scorers on tokenised input (``res`` values: one-caption lists).
     Returns (scores by display name, {metric: why unavailable})."""
+    scores, unavailable = score_many(gts, {"": res}, metrics)
+    return scores[""], unavailable
+
+
+def score_many(gts: Dict[str, List[str]], runs: Dict[str, Dict[str, List[str]]],
+               metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"),
+               ) -> Tuple[Dict[str, Dict[str, Optional[float]]], Dict[str, str]]:
+    """``score_tokenized`` for several candidate sets against the same references (one METEOR process for all).
+    Returns ({run: scores by display name}, {metric: why unavailable})."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    scores: Dict[str, Optional[float]] = {}
+    scores: Dict[str, Dict[str, Optional[float]]] = {name: {} for name in runs}
     unavailable: Dict[str, str] = {}
-    if "BLEU" in metrics:
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        for i, b in enumerate(bleu):
-            scores[f"BLEU-{i + 1}"] = float(b)
+    meteor = None
     if "METEOR" in metrics:
         if not java_available():
-            scores["METEOR"], unavailable["METEOR"] = None, "METEOR needs Java (not found)"
+            unavailable["METEOR"] = "METEOR needs Java (not found)"
         else:
             try:
                 from pycocoevalcap.meteor.meteor import Meteor
                 meteor = Meteor()
-                try:
-                    scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-                finally:
-                    _close_meteor(meteor)
             except Exception as e:  # a broken JVM must not end the run
-                scores["METEOR"], unavailable["METEOR"] = None, f"METEOR failed: {e}"
-    if "ROUGE_L" in metrics:
-        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    if "CIDEr" in metrics:
-        scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
-    if "SPICE" in metrics:
-        reason = spice_missing_reason()
-        if reason is None:
-            try:
-                from pycocoevalcap.spice.spice import Spice
-                scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
-            except Exception as e:
-                reason = f"SPICE failed: {e}"
-        if reason is not None:
-            scores["SPICE"], unavailable["SPICE"] = None, reason
+                unavailable["METEOR"] = f"METEOR failed to start: {e}"
+    spice_reason = spice_missing_reason() if "SPICE" in metrics else None
+    try:
+        for name, res in runs.items():
+            out = scores[name]
+            if "BLEU" in metrics:
+                bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+                for i, b in enumerate(bleu):
+                    out[f"BLEU-{i + 1}"] = float(b)
+            if "METEOR" in metrics:
+                out["METEOR"] = None
+                if meteor is not None:
+                    try:
+                        out["METEOR"] = float(meteor.compute_score(gts, res)[0])
+                    except Exception as e:
+                        unavailable["METEOR"] = f"METEOR failed: {e}"
+            if "ROUGE_L" in metrics:
+                out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+            if "CIDEr" in metrics:
+                out["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
+            if "SPICE" in metrics:
+                out["SPICE"] = None
+                if spice_reason is None:
+                    try:
+                        from pycocoevalcap.spice.spice import Spice
+                        out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+                    except Exception as e:
+                        spice_reason = f"SPICE failed: {e}"
+                if spice_reason is not None:
+                    unavailable["SPICE"] = spice_reason
+    finally:
+        if meteor is not None:
+            _close_meteor(meteor)
     for name, why in unavailable.items():
         log.warning("%s unavailable: %s", name, why)
     return scores, unavailable

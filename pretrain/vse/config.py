@@ -66,7 +66,8 @@ class VSEModelConfig:
     embed_dim: int = 0
     """Joint embedding size; 0 keeps the export's. A different size gets new (randomly initialised) projection heads."""
     image_pooling: str = ""
-    """Image token pooling: ``mean``, ``cls``, ``attention``; empty keeps the export's (a change gets a new head)."""
+    """Image token pooling: ``mean``, ``cls``, ``attention``; empty keeps the export's (a change gets a new pooling
+    module; the projection is kept unless ``embed_dim`` changes)."""
     text_pooling: str = ""
     """Text token pooling of the transformer: ``mean``, ``cls``, ``attention``; empty keeps the export's."""
     new_heads: bool = False

@@ -20,7 +20,7 @@ the global batch's gradient / G (the trainer multiplies the loss by G to undo th
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +62,15 @@ def info_nce_loss(images: torch.Tensor, captions: torch.Tensor, temperature: flo
     logits = logits.masked_fill(~keep, float("-inf"))                # same-image pairs: neither positive nor negative
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+@torch.no_grad()
+def similarity_stats(images: torch.Tensor, captions: torch.Tensor, image_ids: Optional[torch.Tensor] = None,
+                     text_ids: Optional[torch.Tensor] = None) -> Tuple[float, float]:
+    """(mean positive score, mean hardest-negative score of the images) of a batch: a collapse detector
+    (hinge with hardest negatives can collapse every embedding onto one point: both near 1, loss = 2 N alpha)."""
+    scores = images @ captions.t()
+    negative = _negatives_mask(scores.shape[0], image_ids, text_ids, scores.device)
+    hardest = scores.masked_fill(~negative, float("-inf")).max(dim=1).values
+    hardest = hardest[torch.isfinite(hardest)]
+    return float(scores.diag().mean()), float(hardest.mean()) if hardest.numel() else float("nan")

@@ -30,7 +30,7 @@ from ..eval.retrieval import build_pairs, coco_1k_5fold, pair_retrieval_metrics,
 from ..metrics import MetricsWriter, setup_logging
 from .config import VSERunConfig
 from .data import CaptionPairs, caption_collate, read_karpathy, training_splits
-from .losses import hinge_loss, info_nce_loss
+from .losses import hinge_loss, info_nce_loss, similarity_stats
 from .model import VSEModel, build_vse_model, load_vse_export, save_vse_export, train_transform
 from .text_gru import WordVocab
 
@@ -175,6 +175,7 @@ class VSETrainer:
         self.epoch = 0
         self.step = 0
         self.frozen: Optional[bool] = None
+        self.last_sims = (float("nan"), float("nan"))   # (positive, hardest negative) scores of the last batch
         self.writer = MetricsWriter(t.output_dir, self.rank == 0, t.epochs * self.steps_per_epoch)
 
     # ------------------------------------------------------------------ evaluation
@@ -274,6 +275,7 @@ class VSETrainer:
             text_ids = dist.concat_all_gather(text_ids) if text_ids is not None else None
         if not c.mask_false_negatives:
             image_ids = text_ids = None
+        self.last_sims = similarity_stats(img, txt, image_ids, text_ids)
         if c.kind == "hinge":
             return hinge_loss(img, txt, c.margin, c.max_violation and self.epoch >= c.warmup_epochs, image_ids, text_ids)
         return info_nce_loss(img, txt, c.temperature, image_ids, text_ids)
@@ -314,11 +316,12 @@ class VSETrainer:
                 lrs = {f"lr_{g['name']}": g["lr"] for g in self.engine.optimizer.param_groups if g["name"].endswith("_decay")}
                 elapsed = time.perf_counter() - tw
                 self.writer.write(self.step, {"loss": window / window_n, "epoch": self.epoch,
+                                              "pos_sim": self.last_sims[0], "hardest_neg_sim": self.last_sims[1],
                                               "samples_per_s": window_n * t.batch_size * self.world / elapsed, **lrs})
                 window, window_n, tw = 0.0, 0, time.perf_counter()
         stats = dist.all_reduce(torch.tensor([total, float(n)], dtype=torch.float64))
         return {"loss": float(stats[0] / max(stats[1], 1)), "steps": n, "skipped": skipped,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "pos_sim": self.last_sims[0], "hardest_neg_sim": self.last_sims[1]}
 
     def fit(self) -> Dict[str, Any]:
         """Train ``train.epochs`` epochs (or until ``train.patience`` epochs without a better val rsum),
@@ -337,8 +340,9 @@ class VSETrainer:
             history.append({"epoch": self.epoch, **stats, "val_rsum": rsum})
             self.writer.write(self.step, {"epoch": self.epoch, **stats, **val}, progress=False, prefix="val/")
             improved = rsum > best
-            log.info("epoch %d: loss %.4f (%d steps, %.0f s) | val rsum %.2f%s", self.epoch, stats["loss"],
-                     stats["steps"], stats["seconds"], rsum, " (best)" if improved else f" (best {best:.2f})")
+            log.info("epoch %d: loss %.4f (%d steps, %.0f s), last batch: positive %.3f, hardest negative %.3f | "
+                     "val rsum %.2f%s", self.epoch, stats["loss"], stats["steps"], stats["seconds"], stats["pos_sim"],
+                     stats["hardest_neg_sim"], rsum, " (best)" if improved else f" (best {best:.2f})")
             if improved:
                 best, best_epoch, since_best = rsum, self.epoch, 0
                 if self.rank == 0:

@@ -9,6 +9,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+
+
+def load_script(relpath: str, name: str = None):
+    """Import a script of launch/ or tools/ by its path, without putting its folder on sys.path
+    (launch/pretrain.py on the path would shadow the `pretrain` package for every later test)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, relpath)
+    name = name or "_script_" + relpath.replace("/", "_").replace(".py", "")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 TINY_TEXT = ("{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64, "
              "hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}")
 

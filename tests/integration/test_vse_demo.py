@@ -78,7 +78,7 @@ def test_frozen_heads_only_epoch_beats_zero_shot(demo, tmp_path):
 def test_gru_trains_evaluates_and_is_read_by_evaluate_retrieval(demo, tmp_path):
     out = tmp_path / "gru"
     r = _finetune(demo, out, "train.epochs=2", "model.text_encoder=gru", "model.bidirectional=true",
-                  "model.min_word_freq=1", "loss.warmup_epochs=1", "train.eval_zero_shot=false")
+                  "model.min_word_freq=1", "loss.kind=hinge", "loss.warmup_epochs=1", "train.eval_zero_shot=false")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
     assert len(res["history"]) == 2 and res["history"][1]["loss"] < res["history"][0]["loss"]
