@@ -146,8 +146,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--conditioned", action="store_true", help="add the 'focus' condition field (both/left/right)")
     a = p.parse_args(argv)
     path = build(a.out, a.train, a.val, a.test, a.seed, a.conditioned)
-    print(f"wrote {path} ({a.train} train, {a.val} val, {a.test} test images, 5 captions each)")
+    print(f"wrote {path} ({a.train} train, {a.val} val, {a.test} test images, {captions_summary(path)})")
     return 0
+
+
+def captions_summary(path: str) -> str:
+    """The number of captions per image as written ("5 captions each"; with conditions, also per condition)."""
+    from collections import Counter
+
+    with open(path) as f:
+        images = json.load(f)["images"]
+    per_image = sorted({len(im["sentences"]) for im in images})
+    if not per_image:
+        return "no captions"
+    counts = (f"{per_image[0]} captions each" if len(per_image) == 1
+              else f"{per_image[0]}-{per_image[-1]} captions per image")
+    focus = Counter(s["focus"] for im in images for s in im["sentences"] if "focus" in s)
+    if focus:
+        counts += ": focus " + ", ".join(f"{k} {v // len(images)}" if v % len(images) == 0 else f"{k} {v} in all"
+                                         for k, v in focus.items())
+    return counts
 
 
 if __name__ == "__main__":

@@ -45,17 +45,30 @@ def image_key(img: Dict[str, Any], index: int) -> str:
 
 
 def load_karpathy(json_path: str, images_root: str, splits: Sequence[str],
-                  condition_field: str = "") -> List[CaptionUnit]:
-    """Units of the given splits, in file order."""
+                  condition_field: str = "", check_files: bool = True) -> List[CaptionUnit]:
+    """Units of the given splits, in file order.
+
+    Raises ValueError naming the entry (``images[i]``) for a missing or malformed ``filename``/``filepath``
+    field and, with ``check_files``, FileNotFoundError when image files are missing (``check_image_files``)."""
     with open(json_path, encoding="utf-8") as f:
         data = json.load(f)
-    if "images" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{json_path}: not a Karpathy-split JSON (no 'images' list)")
     units: List[CaptionUnit] = []
     for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise ValueError(f"{json_path}: images[{i}] must be an object, got {type(img).__name__}")
         if img.get("split") not in splits:
             continue
-        path = os.path.join(images_root, img.get("filepath", ""), img["filename"])
+        filename, filepath = img.get("filename"), img.get("filepath", "")
+        if filename is None:
+            raise ValueError(f"{json_path}: images[{i}] (split '{img['split']}') has no field 'filename'")
+        if not isinstance(filename, str) or not filename:
+            raise ValueError(f"{json_path}: field 'filename' of images[{i}] must be a non-empty string, "
+                             f"got {filename!r}")
+        if not isinstance(filepath, str):
+            raise ValueError(f"{json_path}: field 'filepath' of images[{i}] must be a string, got {filepath!r}")
+        path = os.path.join(images_root, filepath, filename)
         sents = img.get("sentences", [])
         groups: "OrderedDict[Optional[str], List[Dict[str, Any]]]" = OrderedDict()
         for s in sents:
@@ -71,18 +84,38 @@ def load_karpathy(json_path: str, images_root: str, splits: Sequence[str],
             units.append(CaptionUnit(key=key, image_path=path, refs_raw=[s.get("raw", " ".join(s.get("tokens", [])))
                                                                           for s in group],
                                      sentences=group, condition=cond))
+    if check_files:
+        check_image_files(units, json_path, images_root, sorted(set(splits)))
     return units
 
 
+def check_image_files(units: Sequence[CaptionUnit], json_path: str, images_root: str, splits: Sequence[str],
+                      examples: int = 3) -> None:
+    """FileNotFoundError listing how many of the units' images are missing, the first few paths and the images
+    root, so that a wrong ``data.images_root`` fails before training rather than in the first batch."""
+    paths = list(OrderedDict.fromkeys(u.image_path for u in units))  # an image of several units counts once
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:examples]) + (", ..." if len(missing) > examples else "")
+        raise FileNotFoundError(
+            f"{json_path}: {len(missing)} of {len(paths)} image files of split(s) {list(splits)} are missing under "
+            f"images_root '{images_root}' (data.images_root; paths are images_root/filepath/filename), e.g. {shown}")
+
+
 def split_units(json_path: str, images_root: str, condition_field: str = "",
-                use_restval: bool = True) -> Dict[str, List[CaptionUnit]]:
+                use_restval: bool = True, check_files: bool = True) -> Dict[str, List[CaptionUnit]]:
+    """Units of ``train`` (+ ``restval``), ``val`` and ``test``; each split must be non-empty. With ``check_files``
+    every image file of the three splits must exist (one report for all of them)."""
     train_splits = ("train", "restval") if use_restval else ("train",)
-    out = {"train": load_karpathy(json_path, images_root, train_splits, condition_field),
-           "val": load_karpathy(json_path, images_root, ("val",), condition_field),
-           "test": load_karpathy(json_path, images_root, ("test",), condition_field)}
+    out = {"train": load_karpathy(json_path, images_root, train_splits, condition_field, check_files=False),
+           "val": load_karpathy(json_path, images_root, ("val",), condition_field, check_files=False),
+           "test": load_karpathy(json_path, images_root, ("test",), condition_field, check_files=False)}
     for name, units in out.items():
         if not units:
             raise ValueError(f"{json_path}: the '{name}' split is empty")
+    if check_files:
+        check_image_files([u for units in out.values() for u in units], json_path, images_root,
+                          [*train_splits, "val", "test"])
     return out
 
 

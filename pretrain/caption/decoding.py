@@ -2,7 +2,8 @@
 
 Rules shared by all three (``DecodeRules``): ``<pad>`` and ``<bos>`` are never generated, ``<unk>`` only when
 allowed; EOS is banned before ``min_length`` words and right after a bad ending word ("a", "the", ...);
-a caption that reaches ``max_length`` words is cut there. Sequences are returned as B x T word ids with
+a caption that reaches ``max_length`` words is cut there (EOS forced), so bad ending words are also banned as
+its last word (position ``max_length - 1``): no caption ends on one. Sequences are returned as B x T word ids with
 ``<pad>`` after the EOS (T <= max_length + 1).
 
 Beam search ranks beams by ``logprob / lp(length)``, GNMT's ``lp(n) = ((5 + n) / 6) ** alpha`` (alpha =
@@ -53,6 +54,11 @@ def _constrain(logp: torch.Tensor, prev: Optional[torch.Tensor], t: int, rules: 
         logp[:, rules.eos] = NEG_INF
     elif prev is not None and banned_table is not None:
         logp[:, rules.eos] = logp[:, rules.eos].masked_fill(banned_table[prev], NEG_INF)
+    if t == rules.max_length - 1 and banned_table is not None:
+        # the end is forced right after this word, so it may not be a bad ending word either
+        # (rows where nothing else would be left, a degenerate vocabulary, keep them)
+        masked = logp.masked_fill(banned_table, NEG_INF)
+        logp = torch.where(torch.isfinite(masked).any(-1, keepdim=True), masked, logp)
     return logp
 
 

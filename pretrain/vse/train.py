@@ -40,6 +40,21 @@ GRU_MAX_LENGTH = 32
 ROLES = ("image_backbone", "text_backbone", "head")
 
 
+def set_aside_old_metrics(output_dir: str) -> Optional[str]:
+    """A new run in an old run directory: rename its ``metrics.jsonl`` to ``metrics.jsonl.<YYYYmmdd-HHMMSS>.old``
+    (``...-N.old`` when that name is taken) so that the new log starts empty and nothing is lost, as the
+    captioning trainer does. Returns the new name, or None when there was no old log."""
+    old = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(old):
+        return None
+    stem = f"{old}.{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = f"{stem}.old", 1
+    while os.path.exists(target):
+        target, n = f"{stem}-{n}.old", n + 1
+    os.replace(old, target)
+    return target
+
+
 def derive_deepspeed_config(cfg: VSERunConfig, world_size: int) -> Dict[str, Any]:
     t = cfg.train
     return {
@@ -92,6 +107,9 @@ class VSETrainer:
         if self.rank == 0:
             os.makedirs(t.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+            moved = set_aside_old_metrics(t.output_dir)
+            if moved:
+                log.info("%s holds an earlier run's metrics.jsonl: kept as %s", t.output_dir, os.path.basename(moved))
         dist.barrier()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
                          if dev == "cuda" and t.precision != "fp32" else nullcontext())
@@ -323,6 +341,12 @@ class VSETrainer:
         return {"loss": float(stats[0] / max(stats[1], 1)), "steps": n, "skipped": skipped,
                 "seconds": time.perf_counter() - t0, "pos_sim": self.last_sims[0], "hardest_neg_sim": self.last_sims[1]}
 
+    def log_epoch(self, stats: Dict[str, float], val: Dict[str, float]) -> None:
+        """The epoch's training values (loss, steps, skipped, seconds, pos_sim, hardest_neg_sim) under ``train/``,
+        its validation metrics under ``val/`` (both with the epoch), at the current step."""
+        self.writer.write(self.step, {"epoch": self.epoch, **stats}, progress=False, prefix="train/")
+        self.writer.write(self.step, {"epoch": self.epoch, **val}, progress=False, prefix="val/")
+
     def fit(self) -> Dict[str, Any]:
         """Train ``train.epochs`` epochs (or until ``train.patience`` epochs without a better val rsum),
         then evaluate the best model on the test split. Returns (and writes) ``results.json``'s content."""
@@ -338,7 +362,7 @@ class VSETrainer:
             val = self.evaluate("val")
             rsum = val["rsum"]
             history.append({"epoch": self.epoch, **stats, "val_rsum": rsum})
-            self.writer.write(self.step, {"epoch": self.epoch, **stats, **val}, progress=False, prefix="val/")
+            self.log_epoch(stats, val)
             improved = rsum > best
             log.info("epoch %d: loss %.4f (%d steps, %.0f s), last batch: positive %.3f, hardest negative %.3f | "
                      "val rsum %.2f%s", self.epoch, stats["loss"], stats["steps"], stats["seconds"], stats["pos_sim"],

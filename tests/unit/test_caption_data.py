@@ -73,6 +73,42 @@ def test_karpathy_splits_and_conditions(tmp_path):
         load_karpathy(path, root, ("val",), condition_field="missing")
 
 
+def test_missing_image_files_are_reported_before_training(tmp_path):
+    path, root = karpathy(tmp_path)
+    os.remove(os.path.join(root, "a", "1.png"))   # restval
+    os.remove(os.path.join(root, "a", "3.png"))   # test
+    with pytest.raises(FileNotFoundError) as e:
+        split_units(path, root)
+    msg = str(e.value)
+    assert "2 of 5 image files" in msg and f"images_root '{root}'" in msg and path in msg
+    assert os.path.join(root, "a", "1.png") in msg and os.path.join(root, "a", "3.png") in msg
+    assert [u.key for u in split_units(path, root, check_files=False)["test"]] == ["3"]
+    with pytest.raises(FileNotFoundError, match="1 of 1 image files"):
+        load_karpathy(path, root, ("test",))
+    assert len(load_karpathy(path, root, ("val",))) == 1           # its own split is complete
+    # many missing: the count, the first few paths only
+    with pytest.raises(FileNotFoundError) as e:
+        split_units(path, str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert "5 of 5 image files" in msg and msg.count("nowhere") == 4 and msg.endswith(", ...")
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda im: im.pop("filename"), r"images\[3\] \(split 'test'\) has no field 'filename'"),
+    (lambda im: im.update(filename=7), r"field 'filename' of images\[3\]"),
+    (lambda im: im.update(filepath=["a"]), r"field 'filepath' of images\[3\]"),
+])
+def test_bad_filename_fields_name_the_entry(tmp_path, mutate, message):
+    path, root = karpathy(tmp_path)
+    data = json.loads(open(path).read())
+    mutate(data["images"][3])
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match=message):
+        split_units(path, root)
+    assert len(load_karpathy(path, root, ("val",))) == 1            # other splits do not read that entry
+
+
 def test_labels_and_dataset(tmp_path):
     assert make_labels([5, 6, 7], 4, bos=1, eos=2, pad=0) == [1, 5, 6, 7, 2, 0]
     assert make_labels([5, 6, 7, 8, 9], 3, bos=1, eos=2, pad=0) == [1, 5, 6, 7, 2]
@@ -114,3 +150,27 @@ def test_config_errors_name_the_key(tmp_path):
         load_caption_config(None, [])
     for name in ("caption_sat", "caption_aoa", "caption_demo"):
         load_caption_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "finetune", f"{name}.yaml"))
+
+
+def _make_caption_demo():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "tools", "make_caption_demo.py")
+    spec = importlib.util.spec_from_file_location("_script_tools_make_caption_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("conditioned,per_image", [(False, 5), (True, 9)])
+def test_make_caption_demo_prints_the_true_caption_count(tmp_path, capsys, conditioned, per_image):
+    tool = _make_caption_demo()
+    argv = ["--out", str(tmp_path), "--train", "2", "--val", "1", "--test", "1"] + (["--conditioned"] * conditioned)
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "dataset.json").read_text())
+    assert {len(im["sentences"]) for im in data["images"]} == {per_image}
+    assert f"{per_image} captions each" in out
+    if conditioned:
+        assert "9 captions each: focus both 5, left 2, right 2)" in out

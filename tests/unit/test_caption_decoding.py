@@ -65,8 +65,8 @@ def exhaustive_best(dec, feats, r, lp_alpha, words):
     best, best_seq = -math.inf, None
     for k in range(1, r.max_length + 1):
         for body in itertools.product(words, repeat=k):
-            if k < r.max_length and body[-1] in r.bad_ending_ids:
-                continue  # EOS banned after a bad ending (a caption cut at max_length may end anywhere)
+            if body[-1] in r.bad_ending_ids:
+                continue  # EOS banned after a bad ending; bad endings banned as the last word before the cut
             seq = list(body) + ([EOS] if k < r.max_length else [])
             memory = dec.prepare(feats)
             state = dec.init_state(memory)
@@ -111,8 +111,7 @@ def test_rules_hold_for_every_strategy(strategy):
         body = row[:row.index(EOS)] if EOS in row else row
         assert len(body) >= 2
         assert not {PAD, BOS, UNK} & set(body)
-        if len(body) < r.max_length:
-            assert body[-1] not in (4, 5), row
+        assert body[-1] not in (4, 5), row  # also for captions cut at max_length
         assert all(w == PAD for w in row[len(body) + 1:])
 
 
@@ -145,3 +144,50 @@ def test_sampled_logprobs_carry_gradients_and_match_teacher_forcing():
     ref = ref - ref.logsumexp(-1, keepdim=True)
     want = ref.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logps.detach()[mask.bool()], want.detach()[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+class PreferWordDecoder(torch.nn.Module):
+    """A fake decoder whose logits strongly prefer one word at every step (then a second word, then EOS)."""
+
+    has_attention = True
+
+    def __init__(self, vocab=8, favourite=4, second=6):
+        super().__init__()
+        self.vocab_size = vocab
+        self.bias = torch.full((vocab,), -10.0)
+        self.bias[favourite] = 10.0
+        self.bias[second] = 2.0
+        self.bias[EOS] = 0.0
+
+    def init_state(self, memory):
+        n = memory["feats"].shape[0]
+        return (torch.zeros(n, 1),)
+
+    def step(self, tokens, state, memory):
+        n = tokens.shape[0]
+        return self.bias.expand(n, -1).clone(), (state[0] + 1,), torch.full((n, 3), 1.0 / 3)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+@pytest.mark.parametrize("max_length", [1, 2, 5])
+def test_bad_ending_ban_holds_when_the_caption_is_cut(strategy, max_length):
+    dec = PreferWordDecoder(favourite=4, second=6)  # 4 is a bad ending word and by far the most likely
+    memory = {"feats": torch.zeros(50, 3, 2)}
+    r = rules(max_length=max_length, bad=(4, 5))
+    torch.manual_seed(0)
+    seqs, _ = decode(dec, memory, r, strategy, beam_size=3)
+    bodies = strip(seqs)
+    assert all(body and body[-1] not in (4, 5) for body in bodies), bodies
+    if strategy == "sample":  # most captions run into the cut (EOS is banned after 4, which is far likelier)
+        assert sum(len(body) == max_length for body in bodies) > 40
+    else:  # 4 up to the last word, where the best allowed word is taken
+        assert seqs.shape[1] == max_length + 1
+        assert all(body == [4] * (max_length - 1) + [6] for body in bodies), bodies
+
+
+def test_last_word_ban_keeps_a_row_when_only_bad_words_are_left():
+    dec = PreferWordDecoder(vocab=6, favourite=4, second=5)  # words: 4 and 5, both bad endings
+    r = rules(max_length=2, bad=(4, 5), min_length=3)     # EOS banned throughout: only 4 or 5 can be chosen
+    for strategy in ("greedy", "beam", "sample"):
+        seqs, _ = decode(dec, {"feats": torch.zeros(2, 3, 2)}, r, strategy, beam_size=2)
+        assert strip(seqs) == [[4, 4], [4, 4]]
