@@ -88,6 +88,32 @@ def param_groups(model: WenLanModel, cfg: RunConfig) -> List[Dict[str, Any]]:
     return list(groups.values())
 
 
+def share_fp32_master_partitions(optimizer) -> int:
+    """ZeRO-3 in fp32: let the optimizer's fp32 master partitions be the parameter partitions themselves.
+
+    DeepSpeed means to skip the master copy when the partitions are already fp32 on the right device,
+    but it compares ``tensor.device`` with a device *name* ('cpu', 'cuda:0'), which is never equal, so an
+    fp32 run keeps a second full fp32 copy of its partition (1/G of the model, per process). The two
+    hold equal values at this point and DeepSpeed copies master -> partition after each step, which
+    is a no-op once they share storage. Returns the bytes saved per process."""
+    lp_groups = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    hp_groups = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if not lp_groups or not hp_groups or getattr(optimizer, "offload_optimizer", False) or \
+            getattr(optimizer, "offload_param", False):
+        return 0
+    saved = 0
+    for lp, hp in zip(lp_groups, hp_groups):
+        if lp is None or lp is hp or lp.dtype != hp.dtype or lp.device != hp.device or lp.shape != hp.shape \
+                or lp.data_ptr() == hp.data_ptr() or not torch.equal(lp, hp):
+            continue
+        saved += hp.numel() * hp.element_size()
+        hp.data = lp.data
+    if saved:
+        log.info("ZeRO-3 fp32: master partitions share the parameter partitions (%.1f MiB saved per process)",
+                 saved / 2 ** 20)
+    return saved
+
+
 def lr_lambda(cfg: RunConfig):
     warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
 
@@ -147,6 +173,8 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        if t.zero_stage == 3:
+            share_fp32_master_partitions(self.engine.optimizer)
         self.keys = KeyEncoders(key, cfg.wenlan, cfg.model.embed_dim, self.device,
                                 partitioned=t.zero_stage == 3 and cfg.wenlan.mode == "momentum")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)

@@ -5,8 +5,9 @@
           step (torch.utils.flop_counter) and achieved FLOP/s next to a measured matmul peak; with
           --compare-in-batch the same towers and data in the in-batch (OpenCLIP loss) mode, interleaved
           in blocks in one process, and the ratio WenLan / in-batch.
-  memory  per-process model-state bytes (parameters, gradients, optimizer state, momentum encoders)
-          for ZeRO stage 0 and 3 with 2 processes, and their ratio.
+  memory  per-process model-state bytes (parameters, gradients, optimizer state, momentum encoders),
+          counted after a backward and before the optimizer step (their peak), for ZeRO stage 0 and 3
+          with 2 processes, and their ratio.
   data    the loader alone (decode, transform, tokenise): samples/s, per worker.
   build   the shard builder: images/s per worker process.
 
@@ -65,8 +66,12 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak(device, seconds: float = 2.0, n: int = 1024) -> float:
-    """Measured fp32 matmul FLOP/s of this device (n x n x n products for about ``seconds``)."""
+def matmul_peak(device, seconds: float = 2.0) -> float:
+    """Measured fp32 matmul FLOP/s of this device: the best of square products of a few sizes."""
+    return max(_matmul_flops(device, seconds / 3, n) for n in (1024, 2048, 4096))
+
+
+def _matmul_flops(device, seconds: float, n: int) -> float:
     import torch
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -128,18 +133,25 @@ def mode_train(args, overrides) -> Dict[str, Any]:
         run_steps(trainers[m], iters[m], args.warmup, {})
     flops = {m: count_flops(trainers[m], iters[m]) for m in modes}
     results: Dict[str, Dict[str, Any]] = {m: {"samples": 0, "seconds": 0.0, "timings": {}} for m in modes}
+    gc.collect()
     rss_start = rss_mib()
     blocks = max(1, args.steps // args.block)
-    for _ in range(blocks):  # A B A B ... so that drift of a shared machine hits both alike
+    rss_trace = []  # (steps done per mode, MiB) after each block: growth shows as a trend, not one number
+    for b in range(blocks):  # A B A B ... so that drift of a shared machine hits both alike
         for m in modes:
             t0 = time.perf_counter()
             results[m]["samples"] += run_steps(trainers[m], iters[m], args.block, results[m]["timings"])
             results[m]["seconds"] += time.perf_counter() - t0
+        rss_trace.append(((b + 1) * args.block, round(rss_mib(), 1)))
+        if args.progress and (b + 1) % max(1, blocks // 20) == 0:
+            print(f"[bench] {(b + 1) * args.block}/{blocks * args.block} steps, RSS {rss_trace[-1][1]:.0f} MiB",
+                  flush=True)
+    gc.collect()
     rss_end = rss_mib()
     peak = matmul_peak(trainers[modes[0]].device)
     out: Dict[str, Any] = {"mode": "train", "machine": machine(), "config": args.config, "overrides": overrides,
                            "steps_timed": blocks * args.block, "warmup": args.warmup, "matmul_peak_flops": peak,
-                           "rss_mib_start": rss_start, "rss_mib_end": rss_end}
+                           "rss_mib_start": rss_start, "rss_mib_end": rss_end, "rss_trace": rss_trace}
     for m in modes:
         r = results[m]
         sps = r["samples"] / r["seconds"]
@@ -162,7 +174,9 @@ def mode_train(args, overrides) -> Dict[str, Any]:
     if args.compare_in_batch:
         lines.append(f"WenLan / in-batch samples/s: {out['ratio_momentum_over_in_batch']:.3f} "
                      f"(FLOP bound: {out['flop_ratio_in_batch_over_momentum']:.3f})")
-    lines.append(f"resident memory: {rss_start:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end")
+    half = rss_trace[len(rss_trace) // 2][1] if rss_trace else rss_start
+    lines.append(f"resident memory: {rss_start:.0f} MiB after warm-up, {half:.0f} MiB at half-way, "
+                 f"{rss_end:.0f} MiB at the end ({blocks * args.block} steps per mode)")
     out["table"] = lines
     return out
 
@@ -202,17 +216,20 @@ def _memory_worker(rank, world, port, config, overrides, stage, outfile):
     tr = Trainer(cfg, resume="never")
     it = iter(tr.stream)
     run_steps(tr, it, 2, {})
+    # measure at the peak of the model state: gradients of a full backward present, before the step
+    tr.micro_step(tr._to_device(next(it)), {})
     gc.collect()
     opt = tr.engine.optimizer
+    opt_objs = [vars(opt)] + ([vars(opt.optimizer)] if hasattr(opt, "optimizer") else [])
+    params = list(tr.engine.module.parameters())
     parts = {
-        "engine_params_grads": _tensor_bytes(list(tr.engine.module.parameters())),
-        "optimizer": _tensor_bytes([vars(opt)] + ([vars(opt.optimizer)] if hasattr(opt, "optimizer") else [])),
+        "parameters_and_gradients": _tensor_bytes(params),
+        "optimizer_incl_master_and_grad_partitions": _tensor_bytes(opt_objs),
         "momentum_encoders": _tensor_bytes(list(tr.keys.key.parameters())),
+        # each storage once, whoever reaches it
+        "total": _tensor_bytes(params + opt_objs + list(tr.keys.key.parameters())),
     }
-    # the optimizer's dict also reaches the parameters: count everything once, together
-    parts["total"] = _tensor_bytes(list(tr.engine.module.parameters()) + [vars(opt)] +
-                                   ([vars(opt.optimizer)] if hasattr(opt, "optimizer") else []) +
-                                   list(tr.keys.key.parameters()))
+    tr.optimizer_step({})
     if rank == 0:
         with open(outfile, "w") as f:
             json.dump(parts, f)
@@ -231,8 +248,8 @@ def mode_memory(args, overrides) -> Dict[str, Any]:
         mp.spawn(_memory_worker, args=(2, port, args.config, ov, stage, f), nprocs=2, join=True)
         out[f"zero{stage}"] = json.load(open(f))
     out["ratio_zero3_over_zero0"] = out["zero3"]["total"] / out["zero0"]["total"]
-    out["table"] = [f"{'':<22}{'ZeRO-0 MiB':>12}{'ZeRO-3 MiB':>12}"] + [
-        f"{k:<22}{out['zero0'][k] / 2**20:>12.1f}{out['zero3'][k] / 2**20:>12.1f}" for k in out["zero0"]] + [
+    out["table"] = [f"{'':<44}{'ZeRO-0 MiB':>12}{'ZeRO-3 MiB':>12}"] + [
+        f"{k:<44}{out['zero0'][k] / 2**20:>12.1f}{out['zero3'][k] / 2**20:>12.1f}" for k in out["zero0"]] + [
         f"model-state memory per process, ZeRO-3 / ZeRO-0 (2 processes): {out['ratio_zero3_over_zero0']:.3f}"]
     return out
 
@@ -295,6 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--block", type=int, default=10, help="steps per block when interleaving modes")
     p.add_argument("--workers", type=int, default=None, help="loader / builder workers (default: config)")
+    p.add_argument("--progress", action="store_true", help="train: print steps and RSS as the run goes")
     p.add_argument("--compare-in-batch", action="store_true", help="also run the in-batch (OpenCLIP) mode")
     p.add_argument("--log", help="build: click log to build from")
     p.add_argument("--images-root", help="build: images root")

@@ -49,6 +49,11 @@ def worker(rank, world, port, stage, outdir):
         return [p.detach().clone().double() for p in params]
 
     ema = [p.double() for p in tr.keys.full_parameters()]  # g_0 = f_0
+    q_start = gathered_query_params()
+    opt = tr.engine.optimizer
+    # ZeRO-3 fp32: the optimizer's master partitions are the parameter partitions (no second copy)
+    shared = stage != 3 or all(h.data_ptr() == l.data_ptr() for h, l in
+                               zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
     loss_err, saw_masked_fn, saw_unfilled = 0.0, False, False
     for step in range(STEPS):
         batch = stream.batch(step)
@@ -80,10 +85,13 @@ def worker(rank, world, port, stage, outdir):
     q_now = gathered_query_params()
     dist_to_query = max(float((k.double() - q).norm() / q.norm().clamp_min(1e-12))
                         for k, q in zip(key_now, q_now))
+    moved = min(float((q - s).norm() / s.norm().clamp_min(1e-12)) for q, s in zip(q_now, q_start)
+                if s.numel() > 1 and s.norm() > 0)
     queues = [tr.keys.image_queue.features.clone(), tr.keys.text_queue.features.clone(),
               tr.keys.image_queue.query_ids.clone(), tr.keys.text_queue.image_ids.clone(),
               tr.keys.image_queue.ptr.clone(), tr.keys.text_queue.filled.clone()]
     torch.save({"loss_err": loss_err, "ema_rel": rel, "dist_to_query": dist_to_query, "queues": queues,
+                "shared": shared, "moved": moved,
                 "saw_unfilled": saw_unfilled, "saw_masked_fn": saw_masked_fn},
                os.path.join(outdir, f"result_{rank}.pt"))
     dist.barrier()
@@ -102,3 +110,5 @@ def test_zero_stage_core(stage, tmp_path):
         assert r["dist_to_query"] > 1e-3, "momentum encoder equals the query encoder: the EMA check is vacuous"
         assert r["loss_err"] < 1e-4, r["loss_err"]
         assert r["saw_unfilled"] and r["saw_masked_fn"]
+        assert r["shared"], "ZeRO-3 keeps a second fp32 copy of the partitions"
+        assert r["moved"] > 1e-6, "some query parameter never changed: the optimizer does not reach it"
