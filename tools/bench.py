@@ -14,6 +14,7 @@
   python tools/bench.py train --config configs/pretrain/bench.yaml --shards data/demo/shards/train --compare-in-batch
   python tools/bench.py memory --config configs/pretrain/bench.yaml --shards data/demo/shards/train
   python tools/bench.py data --config configs/pretrain/bench.yaml --shards data/demo/shards/train --workers 2
+  python tools/bench.py build --workers 2          (synthetic 640x480 photos, resized to 256)
   python tools/bench.py build --log data/demo/raw/clicklog.tsv --images-root data/demo/raw --workers 2
 
 Output: a table on the terminal and a JSON file (--json, default bench_<mode>.json).
@@ -285,21 +286,56 @@ def mode_data(args, overrides) -> Dict[str, Any]:
     return out
 
 
+def synthetic_photo_log(folder: str, n: int, size=(640, 480), seed: int = 0) -> str:
+    """A click log of ``n`` distinct photo-sized JPEGs (smooth colour fields plus noise, so that JPEG
+    decoding and encoding cost about what real photos cost), one query per image."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    lines = ["query\timage\tclicks\timpressions"]
+    for i in range(n):
+        base = np.stack([np.sin(xx / rng.uniform(20, 200) + rng.uniform(0, 6)) * 80 + 128
+                         for _ in range(3)], -1)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, "images", f"{i:06d}.jpg"), quality=90)
+        lines.append(f"query {i}\timages/{i:06d}.jpg\t{1 + i % 5}\t10")
+    path = os.path.join(folder, "clicklog.tsv")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def mode_build(args, overrides) -> Dict[str, Any]:
     out_dir = tempfile.mkdtemp(prefix="benchbuild_")
     workers = args.workers or 1
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), args.log, "--out", out_dir,
-           "--workers", str(workers)] + (["--images-root", args.images_root] if args.images_root else []) + overrides
+    log_path, images_root, source = args.log, args.images_root, args.log
+    if not log_path:
+        src = tempfile.mkdtemp(prefix="benchphotos_")
+        log_path, images_root = synthetic_photo_log(src, args.photos), src
+        source = f"{args.photos} synthetic 640x480 JPEGs"
+        overrides = ["--resize", "256"] + list(overrides)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), log_path, "--out", out_dir,
+           "--workers", str(workers), "--no-progress"] + \
+        (["--images-root", images_root] if images_root else []) + list(overrides)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    dt = time.perf_counter() - t0
-    report = json.load(open(os.path.join(out_dir, "report.json")))
-    written = sum(v for k, v in report.get("written", {}).items()) if isinstance(report.get("written"), dict) \
-        else report.get("written_samples", 0)
-    out = {"mode": "build", "machine": machine(), "workers": workers, "seconds": dt, "samples": written,
-           "images_per_s": written / dt, "images_per_s_per_worker": written / dt / workers}
-    out["table"] = [f"builder: {written} images in {dt:.1f} s = {written / dt:.1f} images/s with {workers} "
-                    f"worker(s) ({written / dt / workers:.1f} per worker, whole process incl. start-up)"]
+    wall = time.perf_counter() - t0
+    with open(os.path.join(out_dir, "report.json")) as f:
+        report = json.load(f)
+    run = report["run"]
+    images = report["images"]["unique_images"]
+    build_s = run["time_s"]["total"]
+    out = {"mode": "build", "machine": machine(), "source": source, "options": list(overrides), "workers": workers,
+           "unique_images": images, "samples_written": run["samples_written"], "build_seconds": build_s,
+           "process_seconds": wall, "images_per_s": images / build_s,
+           "images_per_s_per_worker": images / build_s / workers}
+    out["table"] = [f"builder: {images} images ({run['samples_written']} pairs) in {build_s:.1f} s = "
+                    f"{out['images_per_s']:.1f} images/s with {workers} worker(s) "
+                    f"({out['images_per_s_per_worker']:.1f} per worker; {wall:.1f} s for the whole process); "
+                    f"source: {source}"]
     return out
 
 
@@ -314,7 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="loader / builder workers (default: config)")
     p.add_argument("--progress", action="store_true", help="train: print steps and RSS as the run goes")
     p.add_argument("--compare-in-batch", action="store_true", help="also run the in-batch (OpenCLIP) mode")
-    p.add_argument("--log", help="build: click log to build from")
+    p.add_argument("--log", help="build: click log to build from (default: synthetic photos, see --photos)")
+    p.add_argument("--photos", type=int, default=400, help="build: synthetic 640x480 photos when no --log")
     p.add_argument("--images-root", help="build: images root")
     p.add_argument("--json", default=None, help="output JSON (default bench_<mode>.json)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides (build: extra builder options)")

@@ -19,6 +19,15 @@ def _env():
     return env
 
 
+def _launch_ok(ov, run_dir):
+    """`python launch/pretrain.py --config demo.yaml <ov>` must succeed; returns the metrics.jsonl records."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"),
+                        "--config", os.path.join(ROOT, "configs", "pretrain", "demo.yaml")] + ov,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
 def test_python_launch_without_launcher_writes_all_metrics(tmp_path):
     train = write_shards(str(tmp_path / "train"), [30, 30, 0, 5])
     val = write_shards(str(tmp_path / "val"), [20], seed=1)
@@ -26,11 +35,7 @@ def test_python_launch_without_launcher_writes_all_metrics(tmp_path):
     ov = tiny_overrides(run_dir, 2, **{"train.steps": 4, "train.log_every": 2, "train.eval_every": 2,
                                       "data.train_shards": str(tmp_path / "train"),
                                       "data.val_shards": val[0], "data.num_workers": 1})
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"),
-                        "--config", os.path.join(ROOT, "configs", "pretrain", "demo.yaml")] + ov,
-                       env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    recs = _launch_ok(ov, run_dir)
     train_recs = [x for x in recs if "loss" in x]
     assert [x["step"] for x in train_recs] == [2, 4]
     for k in REQUIRED:
@@ -59,3 +64,51 @@ def test_bad_override_exits_nonzero_naming_the_key(tmp_path):
                         os.path.join(ROOT, "configs", "pretrain", "demo.yaml"), "train.zero_stage=5"],
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "train.zero_stage" in r.stderr
+
+
+def _img2dataset_folder(folder, shards=2, per_shard=12):
+    """What img2dataset writes (webdataset output): 00000.tar with KEY.jpg, KEY.txt (caption), KEY.json
+    (its own fields: url, key, status, caption, width, ...) plus a parquet and a _stats.json per shard."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    colors = [("red", (220, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 220))]
+    for s in range(shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                name, rgb = colors[i % len(colors)]
+                buf = io.BytesIO()
+                Image.new("RGB", (40, 30), rgb).save(buf, format="JPEG")
+                meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success",
+                        "error_message": None, "caption": f"a {name} photo", "width": 40, "height": 30,
+                        "original_width": 400, "original_height": 300, "exif": "{}", "sha256": "0" * 64}
+                for fname, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.txt", f"a {name} photo".encode()),
+                                    (f"{key}.json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(fname)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        with open(os.path.join(folder, f"{s:05d}_stats.json"), "w") as f:
+            json.dump({"count": per_shard, "successes": per_shard}, f)
+        with open(os.path.join(folder, f"{s:05d}.parquet"), "wb") as f:
+            f.write(b"PAR1 not read by the loader")
+
+
+def test_img2dataset_folder_trains_without_conversion(tmp_path):
+    folder = str(tmp_path / "img2dataset_out")
+    _img2dataset_folder(folder)
+    run_dir = str(tmp_path / "run")
+    ov = tiny_overrides(run_dir, 0, **{"train.steps": 2, "train.log_every": 1, "train.eval_every": 2,
+                                      "data.train_shards": folder,
+                                      "data.val_shards": os.path.join(folder, "00001.tar"),
+                                      "data.num_workers": 1})
+    recs = _launch_ok(ov, run_dir)
+    train_recs = [x for x in recs if "loss" in x]
+    assert [x["step"] for x in train_recs] == [1, 2]
+    assert all(x["skipped_steps"] == 0 for x in train_recs)
+    eval_recs = [x for x in recs if "eval/t2i_hit@1" in x]
+    # ids are hashed from the caption and the image bytes: 3 distinct captions, 3 distinct pictures
+    assert eval_recs and eval_recs[-1]["eval/t2i_num_queries"] == 3, eval_recs
