@@ -257,8 +257,10 @@ class Trainer:
         if momentum_mode:
             self.keys.enqueue(k_image, k_text, qid, iid, gathered=gathered)
         t5 = time.perf_counter()
-        for k, v in (("key_forward", t1 - t0), ("gather_enqueue", t2 - t1 + t5 - t4), ("query_forward", t3 - t2),
-                     ("backward", t4 - t3)):
+        phases = [("query_forward", t3 - t2), ("backward", t4 - t3)]
+        if momentum_mode:  # the in-batch mode has no key towers and no queue: nothing to time there
+            phases += [("key_forward", t1 - t0), ("gather_enqueue", t2 - t1 + t5 - t4)]
+        for k, v in phases:
             timings[k] = timings.get(k, 0.0) + v
         return out
 
@@ -284,7 +286,7 @@ class Trainer:
             return False
         if self.cfg.wenlan.mode == "momentum":
             self.momentum_update()
-        timings["momentum"] = timings.get("momentum", 0.0) + time.perf_counter() - t1
+            timings["momentum"] = timings.get("momentum", 0.0) + time.perf_counter() - t1
         return True
 
     def momentum_update(self) -> None:

@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--images-root", help="build: images root")
     p.add_argument("--json", default=None, help="output JSON (default bench_<mode>.json)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides (build: extra builder options)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the options
     if args.mode != "build":
         from pretrain.dist import init_distributed
         if args.mode != "memory":
