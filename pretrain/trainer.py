@@ -60,6 +60,15 @@ def derive_deepspeed_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
             if forbidden in extra:
                 raise ValueError(f"{t.deepspeed_config}: '{forbidden}' is derived from the run config "
                                  f"(train.micro_batch_size, train.grad_accum_steps, optim.*); remove it from the JSON")
+        stage = extra.get("zero_optimization", {}).get("stage", t.zero_stage)
+        if stage != t.zero_stage:
+            raise ValueError(f"{t.deepspeed_config}: zero_optimization.stage {stage} contradicts train.zero_stage "
+                             f"{t.zero_stage}; set the stage with train.zero_stage and drop it from the JSON")
+        for name in ("bf16", "fp16"):
+            enabled = extra.get(name, {}).get("enabled")
+            if enabled is not None and bool(enabled) != (t.precision == name):
+                raise ValueError(f"{t.deepspeed_config}: {name}.enabled={enabled} contradicts train.precision="
+                                 f"{t.precision}; choose the precision with train.precision")
         ds = _deep_merge(ds, extra)
     return ds
 

@@ -44,3 +44,39 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "pretrain"))))
 def test_shipped_configs_load(name):
     load_config(os.path.join(ROOT, "configs", "pretrain", name))
+
+
+def test_large_config_derives_the_deepspeed_config():
+    from pretrain.trainer import derive_deepspeed_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "pretrain", "large.yaml"))
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the config names its JSON fragment relative to the repository
+    try:
+        ds = derive_deepspeed_config(cfg, world_size=64)
+    finally:
+        os.chdir(cwd)
+    assert ds["train_batch_size"] == 64 * 2 * 64 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 64
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["gradient_clipping"] == 1.0
+    assert cfg.model.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("fragment, needle", [
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"train_batch_size": 8}, "train_batch_size"),
+])
+def test_contradicting_deepspeed_fragment_is_refused(tmp_path, fragment, needle):
+    import json
+
+    from pretrain.trainer import derive_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(fragment))
+    cfg = load_config(os.path.join(ROOT, "configs", "pretrain", "demo.yaml"),
+                      ["train.zero_stage=3", f"train.deepspeed_config={path}"])
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        derive_deepspeed_config(cfg, world_size=2)
