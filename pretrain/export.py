@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .config import ModelConfig, RunConfig, _build, load_config
-from .models import DualEncoder, build_tokenizer, resolve_text_path
+from .models import DualEncoder, build_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -74,3 +74,18 @@ def _fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def set_aside_old_metrics(output_dir: str) -> Optional[str]:
+    """A new run in an old run directory: rename its ``metrics.jsonl`` to ``metrics.jsonl.<YYYYmmdd-HHMMSS>.old``
+    (``...-N.old`` when that name is taken) so that the new log starts empty and nothing is lost. Returns
+    the new name, or None when there was no old log. Call it on rank 0 only."""
+    old = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(old):
+        return None
+    stem = f"{old}.{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = f"{stem}.old", 1
+    while os.path.exists(target):
+        target, n = f"{stem}-{n}.old", n + 1
+    os.replace(old, target)
+    return target

@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint, dist
 from .config import RunConfig, save_config
-from .metrics import MetricsWriter, setup_logging
+from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .models import build_tokenizer, momentum_copy
 from .wenlan import KeyEncoders, WenLanModel, gather_keys, momentum_at
 
@@ -207,9 +207,8 @@ class Trainer:
             if existing:
                 raise ValueError(f"{self.ckpt_dir} already holds checkpoints ({existing[-1]}) and --resume is "
                                  f"'{resume}': continue with --resume auto, or choose a new train.output_dir")
-            old = os.path.join(t.output_dir, "metrics.jsonl")
-            if self.rank == 0 and os.path.exists(old):  # a fresh run: keep the old log aside, lose nothing
-                os.replace(old, f"{old}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+            if self.rank == 0:  # a fresh run: keep the old log aside, lose nothing
+                set_aside_old_metrics(t.output_dir)
         self.writer = MetricsWriter(t.output_dir, self.rank == 0, t.steps, start_step=self.step)
 
     # ------------------------------------------------------------------ data

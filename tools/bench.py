@@ -124,7 +124,6 @@ def count_flops(tr, it) -> float:
 
 
 def mode_train(args, overrides) -> Dict[str, Any]:
-    import torch
     modes = ["momentum", "in_batch"] if args.compare_in_batch else ["momentum"]
     tmp = tempfile.mkdtemp(prefix="bench_")
     trainers = {m: build_trainer(args, overrides, m, os.path.join(tmp, m)) for m in modes}

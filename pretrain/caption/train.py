@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import dist
 from ..config import save_config
-from ..metrics import MetricsWriter, setup_logging
+from ..metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .cider import cider_d
 from .config import CaptionRunConfig
 from .data import CaptionDataset, CaptionUnit, collate, split_units
@@ -137,9 +137,7 @@ class CaptionTrainer:
         if self.rank == 0:
             os.makedirs(t.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
-            old = os.path.join(t.output_dir, "metrics.jsonl")
-            if os.path.exists(old):  # a new run in an old directory: keep the old log aside
-                os.replace(old, f"{old}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+            set_aside_old_metrics(t.output_dir)  # a new run in an old directory: keep the old log aside
         dist.barrier()
         torch.manual_seed(t.seed)
 

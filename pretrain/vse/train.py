@@ -27,7 +27,7 @@ from .. import dist
 from ..config import save_config
 from ..eval.embed import embed_karpathy, embed_shards
 from ..eval.retrieval import build_pairs, coco_1k_5fold, pair_retrieval_metrics, vse_metrics
-from ..metrics import MetricsWriter, setup_logging
+from ..metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .config import VSERunConfig
 from .data import CaptionPairs, caption_collate, read_karpathy, training_splits
 from .losses import hinge_loss, info_nce_loss, similarity_stats
@@ -38,21 +38,6 @@ log = logging.getLogger("pretrain.vse")
 
 GRU_MAX_LENGTH = 32
 ROLES = ("image_backbone", "text_backbone", "head")
-
-
-def set_aside_old_metrics(output_dir: str) -> Optional[str]:
-    """A new run in an old run directory: rename its ``metrics.jsonl`` to ``metrics.jsonl.<YYYYmmdd-HHMMSS>.old``
-    (``...-N.old`` when that name is taken) so that the new log starts empty and nothing is lost, as the
-    captioning trainer does. Returns the new name, or None when there was no old log."""
-    old = os.path.join(output_dir, "metrics.jsonl")
-    if not os.path.exists(old):
-        return None
-    stem = f"{old}.{time.strftime('%Y%m%d-%H%M%S')}"
-    target, n = f"{stem}.old", 1
-    while os.path.exists(target):
-        target, n = f"{stem}-{n}.old", n + 1
-    os.replace(old, target)
-    return target
 
 
 def derive_deepspeed_config(cfg: VSERunConfig, world_size: int) -> Dict[str, Any]:

@@ -2,7 +2,6 @@
 test table (constant baseline, XE, SCST) -> caption one picture with its attention grid."""
 import json
 import os
-import sys
 
 from _tiny import ROOT, load_script
 

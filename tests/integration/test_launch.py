@@ -29,7 +29,7 @@ def _launch_ok(ov, run_dir):
 
 
 def test_python_launch_without_launcher_writes_all_metrics(tmp_path):
-    train = write_shards(str(tmp_path / "train"), [30, 30, 0, 5])
+    write_shards(str(tmp_path / "train"), [30, 30, 0, 5])
     val = write_shards(str(tmp_path / "val"), [20], seed=1)
     run_dir = str(tmp_path / "run")
     ov = tiny_overrides(run_dir, 2, **{"train.steps": 4, "train.log_every": 2, "train.eval_every": 2,

@@ -4,7 +4,8 @@ import os
 from types import SimpleNamespace
 
 from pretrain.metrics import MetricsWriter
-from pretrain.vse.train import VSETrainer, set_aside_old_metrics
+from pretrain.metrics import set_aside_old_metrics
+from pretrain.vse.train import VSETrainer
 
 
 def records(path):

@@ -120,7 +120,6 @@ def test_in_batch_loss_single_process_matches_reference():
     qi = F.normalize(torch.randn(6, 8), dim=-1)
     qt = F.normalize(torch.randn(6, 8), dim=-1)
     out = in_batch_loss(qi, qt, torch.tensor(0.1))
-    none = lambda i, j: False
     # as a loop: row i's positive is column i, negatives are the other columns
     def ref(a, b):
         tot = 0.0
