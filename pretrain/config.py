@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
@@ -290,34 +290,51 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
     return obj
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check allowed values and ranges; raise ConfigError naming the key."""
-    for key, allowed in ALLOWED.items():
+def check_allowed(cfg: Any, allowed: Dict[str, Any]) -> None:
+    """Raise ConfigError unless every dotted key of ``allowed`` holds one of its allowed values."""
+    for key, options in allowed.items():
         val = get_key(cfg, key)
-        if val not in allowed:
-            raise ConfigError(f"config key '{key}' = {val!r} is not allowed; choose one of {list(allowed)}")
-    positive = ["model.embed_dim", "wenlan.queue_size", "train.steps", "train.micro_batch_size",
-                "train.grad_accum_steps", "model.image.image_size", "model.text.max_length",
-                "train.log_every", "train.save_every", "train.keep_checkpoints", "data.shuffle_buffer",
-                "train.max_bad_steps_in_row"]
-    for key in positive:
+        if val not in options:
+            raise ConfigError(f"config key '{key}' = {val!r} is not allowed; choose one of {list(options)}")
+
+
+def check_positive(cfg: Any, keys: Iterable[str]) -> None:
+    """Raise ConfigError naming the first dotted key whose value is not > 0."""
+    for key in keys:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
-    for key in ["wenlan.momentum", "wenlan.momentum_end"]:
-        v = get_key(cfg, key)
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1], got {v}")
+
+
+def check_non_negative(cfg: Any, keys: Iterable[str]) -> None:
+    """Raise ConfigError naming the first dotted key whose value is not >= 0."""
+    for key in keys:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
+
+
+def check_unit_interval(cfg: Any, keys: Iterable[str]) -> None:
+    """Raise ConfigError naming the first dotted key whose value is outside [0, 1]."""
+    for key in keys:
+        if not 0.0 <= get_key(cfg, key) <= 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {get_key(cfg, key)}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check allowed values and ranges; raise ConfigError naming the key."""
+    check_allowed(cfg, ALLOWED)
+    check_positive(cfg, ["model.embed_dim", "wenlan.queue_size", "train.steps", "train.micro_batch_size",
+                         "train.grad_accum_steps", "model.image.image_size", "model.text.max_length",
+                         "train.log_every", "train.save_every", "train.keep_checkpoints", "data.shuffle_buffer",
+                         "train.max_bad_steps_in_row"])
+    check_unit_interval(cfg, ["wenlan.momentum", "wenlan.momentum_end"])
     w = cfg.wenlan
     if not 0 < w.temperature_min <= w.temperature <= w.temperature_max:
         raise ConfigError(
             f"config keys 'wenlan.temperature_min' <= 'wenlan.temperature' <= 'wenlan.temperature_max' must hold "
             f"with a positive minimum, got {w.temperature_min}, {w.temperature}, {w.temperature_max}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if cfg.train.eval_every < 0:
-        raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {cfg.train.eval_every}")
+    check_non_negative(cfg, ["data.num_workers"])
+    check_unit_interval(cfg, ["data.max_bad_fraction"])
+    check_non_negative(cfg, ["train.eval_every"])
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise ConfigError(f"config key 'data.crop_scale_min' must be in (0, 1], got {cfg.data.crop_scale_min}")
     if len(cfg.optim.betas) != 2:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, ModelConfig, get_key, load_config
+from ..config import (ConfigError, ModelConfig, check_allowed, check_non_negative, check_positive,
+                      check_unit_interval, load_config)
 
 DEFAULT_BAD_ENDINGS = ["a", "an", "the", "and", "of", "to", "with", "on", "in", "at", "for", "next", "some", "its",
                       "their", "his", "her", "is", "are", "from", "by", "as"]
@@ -221,22 +222,16 @@ METRIC_NAMES = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 def validate(cfg: CaptionRunConfig) -> CaptionRunConfig:
     """Check allowed values and ranges; raise ConfigError naming the key."""
-    for key, allowed in ALLOWED.items():
-        if get_key(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r} is not allowed; choose one of {list(allowed)}")
-    for key in ("data.max_length", "data.seq_per_img", "decoder.embed_dim", "decoder.hidden_dim", "decoder.feature_dim",
-                "decoder.att_dim", "decoder.num_heads", "xe.batch_size", "scst.batch_size", "scst.num_samples",
-                "scst.max_length", "decode.beam_size", "decode.max_length", "data.min_word_freq",
-                "train.log_every", "eval.constant_topk", "eval.batch_size", "decoder.condition_max_length"):
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
-    for key in ("xe.epochs", "scst.epochs", "decoder.refiner_layers", "xe.warmup_steps", "scst.warmup_steps",
-                "data.num_workers", "data.max_val_images", "data.random_shift", "decode.min_length"):
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
-    for key in ("decoder.dropout", "xe.label_smoothing", "xe.ss_max_prob", "xe.min_lr_ratio"):
-        if not 0.0 <= get_key(cfg, key) <= 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1], got {get_key(cfg, key)}")
+    check_allowed(cfg, ALLOWED)
+    check_positive(cfg, ("data.max_length", "data.seq_per_img", "decoder.embed_dim", "decoder.hidden_dim",
+                         "decoder.feature_dim", "decoder.att_dim", "decoder.num_heads", "xe.batch_size",
+                         "scst.batch_size", "scst.num_samples", "scst.max_length", "decode.beam_size",
+                         "decode.max_length", "data.min_word_freq", "train.log_every", "eval.constant_topk",
+                         "eval.batch_size", "decoder.condition_max_length"))
+    check_non_negative(cfg, ("xe.epochs", "scst.epochs", "decoder.refiner_layers", "xe.warmup_steps",
+                             "scst.warmup_steps", "data.num_workers", "data.max_val_images", "data.random_shift",
+                             "decode.min_length"))
+    check_unit_interval(cfg, ("decoder.dropout", "xe.label_smoothing", "xe.ss_max_prob", "xe.min_lr_ratio"))
     if cfg.decoder.kind == "aoa" and cfg.decoder.hidden_dim % cfg.decoder.num_heads:
         raise ConfigError(f"config key 'decoder.hidden_dim' ({cfg.decoder.hidden_dim}) must be divisible by "
                           f"'decoder.num_heads' ({cfg.decoder.num_heads}) for the aoa decoder")

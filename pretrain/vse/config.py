@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, get_key, load_config
+from ..config import ConfigError, check_allowed, check_non_negative, check_positive, load_config
 
 
 @dataclass
@@ -187,19 +187,15 @@ ALLOWED = {
 
 def validate(cfg: VSERunConfig) -> VSERunConfig:
     """Check allowed values and ranges; raise ConfigError naming the key."""
-    for key, allowed in ALLOWED.items():
-        if get_key(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r} is not allowed; choose one of {list(allowed)}")
-    for key in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every", "model.word_dim",
-                "model.gru_layers", "model.min_word_freq", "data.epoch_samples", "data.shuffle_buffer"):
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
-    for key in ("model.embed_dim", "model.gru_hidden", "model.max_length", "train.patience", "optim.freeze_epochs",
-                "optim.warmup_steps", "loss.warmup_epochs", "data.captions_per_image", "data.max_val_images",
-                "data.num_workers", "optim.image_lr_factor", "optim.text_lr_factor", "optim.weight_decay",
-                "optim.grad_clip", "loss.margin", "data.val_max_samples"):
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
+    check_allowed(cfg, ALLOWED)
+    check_positive(cfg, ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
+                         "model.word_dim", "model.gru_layers", "model.min_word_freq", "data.epoch_samples",
+                         "data.shuffle_buffer"))
+    check_non_negative(cfg, ("model.embed_dim", "model.gru_hidden", "model.max_length", "train.patience",
+                             "optim.freeze_epochs", "optim.warmup_steps", "loss.warmup_epochs",
+                             "data.captions_per_image", "data.max_val_images", "data.num_workers",
+                             "optim.image_lr_factor", "optim.text_lr_factor", "optim.weight_decay",
+                             "optim.grad_clip", "loss.margin", "data.val_max_samples"))
     if cfg.optim.lr <= 0 or cfg.loss.temperature <= 0:
         raise ConfigError("config keys 'optim.lr' and 'loss.temperature' must be > 0")
     if not 0.0 < cfg.optim.lr_decay_factor <= 1.0:
