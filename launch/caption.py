@@ -63,29 +63,6 @@ def resolve_decoding(a: argparse.Namespace, dc) -> Decoding:
     return Decoding(strategy, beam, lp, temperature)
 
 
-def caption_one(model, vocab, transform, photo, rules, d: Decoding, condition: Optional[str] = None,
-                generator=None):
-    """(caption, its words/tokens, attention maps len(words) x h x w or None) for one PIL image
-    (pretrain.caption.visualize.caption_image, with sampling's temperature and generator)."""
-    import torch
-
-    from pretrain.caption.decoding import decode
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        x = transform(photo.convert("RGB")).unsqueeze(0).to(device)
-        memory = model.encode(x, [condition] if condition is not None else None)
-        seqs, att = decode(model.decoder, memory, rules, d.strategy, d.beam_size, d.length_penalty, d.temperature,
-                           return_attention=True, generator=generator)
-    ids = seqs[0].tolist()
-    words = vocab.tokens(ids)
-    maps = None
-    if att is not None and getattr(model.decoder, "has_attention", False):
-        prefix, h, w = model.attention_grid(att.shape[-1])
-        maps = att[0, :len(words), prefix:].float().cpu().numpy().reshape(len(words), h, w)
-    return vocab.decode(ids), words, maps
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by launch/finetune_caption.py")
@@ -112,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from pretrain.caption.decoding import DecodeRules
     from pretrain.caption.model import load_model_dir
-    from pretrain.caption.visualize import save_attention_grid
+    from pretrain.caption.visualize import caption_image, save_attention_grid
 
     if not os.path.isfile(os.path.join(a.model, "model.safetensors")):
         print(f"error: {a.model} is not a caption model directory (no model.safetensors)", file=sys.stderr)
@@ -134,7 +111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for i, path in enumerate(a.image):
         with Image.open(path) as im:
             photo = im.convert("RGB")
-        caption, words, maps = caption_one(model, vocab, transform, photo, rules, decoding, a.condition, generator)
+        caption, words, maps = caption_image(model, vocab, transform, photo, rules, decoding.strategy,
+                                             decoding.beam_size, decoding.length_penalty, a.condition,
+                                             decoding.temperature, generator)
         print(f"{path}\t{caption}" if len(a.image) > 1 else caption)
         if a.attention_png:
             if maps is None:

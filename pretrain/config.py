@@ -332,9 +332,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"config keys 'wenlan.temperature_min' <= 'wenlan.temperature' <= 'wenlan.temperature_max' must hold "
             f"with a positive minimum, got {w.temperature_min}, {w.temperature}, {w.temperature_max}")
-    check_non_negative(cfg, ["data.num_workers"])
+    check_non_negative(cfg, ["data.num_workers", "train.eval_every"])
     check_unit_interval(cfg, ["data.max_bad_fraction"])
-    check_non_negative(cfg, ["train.eval_every"])
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise ConfigError(f"config key 'data.crop_scale_min' must be in (0, 1], got {cfg.data.crop_scale_min}")
     if len(cfg.optim.betas) != 2:

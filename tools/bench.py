@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,8 +170,7 @@ def mode_train(args, overrides) -> Dict[str, Any]:
         out["flop_ratio_in_batch_over_momentum"] = flops["in_batch"] / flops["momentum"]
         # adjacent blocks share the machine's state: the median of their ratios resists bursts of load
         pairs = sorted(a / b for a, b in zip(results["momentum"]["blocks"], results["in_batch"]["blocks"]))
-        out["ratio_median_of_block_pairs"] = pairs[len(pairs) // 2] if len(pairs) % 2 else \
-            (pairs[len(pairs) // 2 - 1] + pairs[len(pairs) // 2]) / 2
+        out["ratio_median_of_block_pairs"] = statistics.median(pairs)
         out["block_pair_ratios"] = pairs
     lines = [f"machine: {out['machine']['cpu']} ({out['machine']['cores']} cores), torch {out['machine']['torch']}",
              f"matmul peak (fp32, measured): {peak / 1e9:.1f} GFLOP/s",
@@ -253,7 +254,7 @@ def mode_memory(args, overrides) -> Dict[str, Any]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        f = tempfile.mktemp(suffix=".json")
+        f = os.path.join(tempfile.mkdtemp(prefix="benchmem_"), "result.json")
         ov = list(overrides) + [f"data.train_shards={args.shards}", "data.val_shards="]
         mp.spawn(_memory_worker, args=(2, port, args.config, ov, stage, f), nprocs=2, join=True)
         out[f"zero{stage}"] = json.load(open(f))
@@ -371,8 +372,14 @@ def main(argv=None) -> int:
             init_distributed("cpu")
             from pretrain.metrics import setup_logging
             setup_logging(0)
-    out = {"train": mode_train, "memory": mode_memory, "data": mode_data, "build": mode_build}[args.mode](
-        args, args.overrides)
+    # every run directory, shard and photo of the bench goes below one scratch folder, removed at the end
+    scratch = tempfile.mkdtemp(prefix=f"bench_{args.mode}_")
+    tempfile.tempdir = os.environ["TMPDIR"] = scratch  # TMPDIR: spawned workers too
+    try:
+        out = {"train": mode_train, "memory": mode_memory, "data": mode_data, "build": mode_build}[args.mode](
+            args, args.overrides)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for line in out["table"]:
         print(line)
     path = args.json or f"bench_{args.mode}.json"

@@ -92,14 +92,17 @@ def save_attention_grid(photo, words: Sequence[str], maps: np.ndarray, path: str
 
 
 @torch.no_grad()
+@torch.no_grad()
 def caption_image(model, vocab, transform, photo, rules: DecodeRules, strategy: str = "beam", beam_size: int = 3,
-                  length_penalty: float = 0.0, condition: Optional[str] = None
-                  ) -> Tuple[str, List[str], Optional[np.ndarray]]:
-    """(caption, its words/tokens, attention maps len(words) x h x w or None) for one PIL image."""
+                  length_penalty: float = 0.0, condition: Optional[str] = None, temperature: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> Tuple[str, List[str], Optional[np.ndarray]]:
+    """(caption, its words/tokens, attention maps len(words) x h x w or None) for one PIL image.
+    ``temperature`` and ``generator`` are for ``strategy="sample"``."""
     device = next(model.parameters()).device
     x = transform(photo.convert("RGB")).unsqueeze(0).to(device)
     memory = model.encode(x, [condition] if condition is not None else None)
-    seqs, att = decode(model.decoder, memory, rules, strategy, beam_size, length_penalty, return_attention=True)
+    seqs, att = decode(model.decoder, memory, rules, strategy, beam_size, length_penalty, temperature,
+                       return_attention=True, generator=generator)
     ids = seqs[0].tolist()
     words = vocab.tokens(ids)
     caption = vocab.decode(ids)
