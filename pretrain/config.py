@@ -95,6 +95,25 @@ class WenLanConfig:
     """Also score the keys of the whole global batch (all ranks) as negatives."""
     click_weighting: str = "none"
     """Weight of each positive in the loss: ``none``, ``log`` (1+log(1+clicks)) or ``sqrt`` (sqrt(1+clicks)); normalised to mean 1."""
+    in_batch_block: bool = False
+    """Score the other tower's *query* embeddings of the whole global batch, with gradients to both towers (the
+    OpenCLIP block, positive q_I.q_T), and append the queue's momentum keys as extra negatives."""
+    queue_start_step: int = 0
+    """Queue entries count as negatives only from this optimizer step on (before: masked), while the towers
+    still move too fast for their keys to be consistent."""
+    queue_logit_bias: float = 0.0
+    """Added to every queue logit after the division by tau: log(w) makes a queue entry count as w of a negative
+    (e.g. -2.3 for w = 0.1); 0: full weight."""
+    distill_alpha: float = 0.0
+    """Momentum distillation (ALBEF): the target mixes (1 - alpha) x one-hot with alpha x the momentum towers'
+    softmax over the same columns; 0: off."""
+    distill_ramp_steps: int = 0
+    """Optimizer steps over which alpha grows linearly from 0 to ``distill_alpha``."""
+    key_precision: str = "auto"
+    """Dtype of the momentum towers' forward (no gradient): ``auto`` (bf16 on CUDA and on CPUs with AMX, fp32
+    elsewhere: bf16 is 20x slower than fp32 on CPUs without it), ``fp32``, ``bf16``, ``fp16``."""
+    key_channels_last: Optional[bool] = None
+    """Channels-last image batches for the momentum image tower; null (auto): with the fast bf16 key forward."""
 
 
 @dataclass
@@ -210,6 +229,7 @@ ALLOWED = {
     "wenlan.mode": ("momentum", "in_batch"),
     "wenlan.momentum_schedule": ("constant", "cosine"),
     "wenlan.click_weighting": ("none", "log", "sqrt"),
+    "wenlan.key_precision": ("auto", "fp32", "bf16", "fp16"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.device": ("auto", "cpu", "cuda"),
@@ -326,7 +346,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          "train.grad_accum_steps", "model.image.image_size", "model.text.max_length",
                          "train.log_every", "train.save_every", "train.keep_checkpoints", "data.shuffle_buffer",
                          "train.max_bad_steps_in_row"])
-    check_unit_interval(cfg, ["wenlan.momentum", "wenlan.momentum_end"])
+    check_unit_interval(cfg, ["wenlan.momentum", "wenlan.momentum_end", "wenlan.distill_alpha"])
+    check_non_negative(cfg, ["wenlan.queue_start_step", "wenlan.distill_ramp_steps"])
     w = cfg.wenlan
     if not 0 < w.temperature_min <= w.temperature <= w.temperature_max:
         raise ConfigError(

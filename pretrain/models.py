@@ -138,6 +138,7 @@ class TextTower(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         tokens = self.forward_tokens(input_ids, attention_mask)
         return F.normalize(self.proj(self.pool(tokens, attention_mask)), dim=-1)
 
@@ -146,6 +147,14 @@ class TextTower(nn.Module):
             self.encoder.gradient_checkpointing_enable()
         else:
             self.encoder.gradient_checkpointing_disable()
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row: the embedding is the same (padding is masked
+    in attention and pooling), the cost falls with the batch's longest query instead of ``max_length``."""
+    used = attention_mask.bool().any(0)
+    n = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return input_ids[:, :n], attention_mask[:, :n]
 
 
 class DualEncoder(nn.Module):

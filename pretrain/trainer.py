@@ -1,15 +1,8 @@
-"""The pretraining loop: builds the DeepSpeed engine, momentum encoders, queues and data stream,
-then trains, logs, evaluates and checkpoints. Typed arguments only; launch/pretrain.py is the CLI.
+"""The pretraining loop: builds the DeepSpeed engine, the WenLan step (momentum towers and queues, see
+``pretrain/wenlan.py``) and the data stream, then trains, logs, evaluates and checkpoints. Typed arguments
+only; launch/pretrain.py is the CLI.
 
-Order of work for one optimizer step with A = ``train.grad_accum_steps`` micro-batches::
-
-    for each micro-batch:   keys (momentum towers, no grad) -> gather keys of all ranks
-                            -> loss against the current queues -> backward
-                            -> enqueue the gathered keys (so the next micro-batch sees them)
-    at the boundary:        optimizer step (DeepSpeed) -> momentum update g <- m*g + (1-m)*f
-
-A micro-batch whose loss is not finite on any rank is skipped on every rank (no backward, no
-enqueue, invisible to DeepSpeed's accumulation counter) and counted; after
+A micro-batch whose loss is not finite on any rank is skipped on every rank and counted; after
 ``train.max_bad_steps_in_row`` such steps in a row the run stops.
 """
 from __future__ import annotations
@@ -28,7 +21,7 @@ from . import checkpoint, dist
 from .config import RunConfig, save_config
 from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .models import build_tokenizer, momentum_copy
-from .wenlan import KeyEncoders, WenLanModel, gather_keys, momentum_at
+from .wenlan import WenLanModel, WenLanStep, momentum_at
 
 log = logging.getLogger("pretrain")
 
@@ -175,7 +168,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = WenLanModel(cfg.model, cfg.wenlan)
-        key = momentum_copy(model.query)  # g starts equal to f
+        key = momentum_copy(model.query) if cfg.wenlan.mode == "momentum" else None  # g starts equal to f
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps)
         self.ds_config = derive_deepspeed_config(cfg, self.world)
@@ -184,10 +177,10 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         if t.zero_stage == 3:
             share_fp32_master_partitions(self.engine.optimizer)
-        self.keys = KeyEncoders(key, cfg.wenlan, cfg.model.embed_dim, self.device,
-                                partitioned=t.zero_stage == 3 and cfg.wenlan.mode == "momentum")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
                          if dev == "cuda" and t.precision != "fp32" else nullcontext())
+        self.wenlan = WenLanStep(self.engine, cfg.wenlan, key, cfg.model.embed_dim, self.device, self.autocast,
+                                 total_steps=t.steps, zero_stage=t.zero_stage)
 
         self.tokenizer = build_tokenizer(cfg.model.text)
         self.train_transform, self.eval_transform = build_transforms(cfg, model.query.image.backbone)
@@ -232,75 +225,6 @@ class Trainer:
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    # ------------------------------------------------------------------ one micro-batch
-    def micro_step(self, batch: Dict[str, Any], timings: Dict[str, float]) -> Optional[Dict[str, torch.Tensor]]:
-        """Forward, loss, backward (unless non-finite anywhere), enqueue. Returns the loss outputs or None."""
-        c = self.cfg
-        images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
-        qid, iid = batch["query_id"], batch["image_id"]
-        momentum_mode = c.wenlan.mode == "momentum"
-        t0 = time.perf_counter()
-        k_image = k_text = gathered = None
-        if momentum_mode:
-            with self.autocast:
-                k_image, k_text = self.keys.keys(images, ids, mask)                # M x D each, no grad
-        t1 = time.perf_counter()
-        if momentum_mode:
-            gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order
-        t2 = time.perf_counter()
-        extra = {}
-        if c.wenlan.in_batch_negatives and momentum_mode:
-            extra = dict(zip(("all_k_image", "all_k_text", "all_query_ids", "all_image_ids"), gathered))
-        with self.autocast:
-            out = self.engine(images, ids, mask, k_image, k_text, qid, iid, self.keys.image_queue,
-                              self.keys.text_queue, clicks=batch.get("clicks"), **extra)
-        loss = out["loss"]
-        if c.train.inject_nan_at_step == self.step and self.rank == c.train.inject_nan_rank:
-            loss = loss * float("nan")
-        t3 = time.perf_counter()
-        if dist.any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device):
-            return None
-        self.engine.backward(loss)
-        t4 = time.perf_counter()
-        if momentum_mode:
-            self.keys.enqueue(k_image, k_text, qid, iid, gathered=gathered)
-        t5 = time.perf_counter()
-        phases = [("query_forward", t3 - t2), ("backward", t4 - t3)]
-        if momentum_mode:  # the in-batch mode has no key towers and no queue: nothing to time there
-            phases += [("key_forward", t1 - t0), ("gather_enqueue", t2 - t1 + t5 - t4)]
-        for k, v in phases:
-            timings[k] = timings.get(k, 0.0) + v
-        return out
-
-    def _grads_finite_stage0(self) -> bool:
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack(norms)).all())
-
-    def optimizer_step(self, timings: Dict[str, float]) -> bool:
-        """At the accumulation boundary: step, then momentum. Returns False if the step was skipped."""
-        t0 = time.perf_counter()
-        if self.cfg.train.zero_stage == 0 and not self._grads_finite_stage0():
-            # stage 0 applies the optimizer without an overflow check: drop these gradients ourselves
-            self.engine.optimizer.zero_grad(set_to_none=True)
-            return False
-        before = self.engine.skipped_steps
-        self.engine.step()
-        t1 = time.perf_counter()
-        timings["optimizer"] = timings.get("optimizer", 0.0) + t1 - t0
-        if self.engine.skipped_steps != before:  # DeepSpeed found inf/nan gradients (or fp16 overflow)
-            return False
-        if self.cfg.wenlan.mode == "momentum":
-            self.momentum_update()
-            timings["momentum"] = timings.get("momentum", 0.0) + time.perf_counter() - t1
-        return True
-
-    def momentum_update(self) -> None:
-        m = momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan)
-        self.keys.update(self.engine.module.query, m, query_partitioned=self.cfg.train.zero_stage == 3)
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> Dict[str, float]:
         t = self.cfg.train
@@ -308,7 +232,8 @@ class Trainer:
             log.info("run already at step %d of %d: nothing to train", self.step, t.steps)
             return self.last_eval
         self.engine.train()
-        self.keys.key.train()
+        if self.wenlan.keys is not None:
+            self.wenlan.keys.key.train()
         log.info("training %d steps on %d process(es): micro-batch %d x accumulation %d x %d = %d pairs/step, "
                  "ZeRO-%d, %s, device %s", t.steps - self.step, self.world, t.micro_batch_size, t.grad_accum_steps,
                  self.world, t.micro_batch_size * t.grad_accum_steps * self.world, t.zero_stage, t.precision,
@@ -326,7 +251,8 @@ class Trainer:
                 td = time.perf_counter()
                 batch = self._to_device(next(it))
                 window["data_wait"] = window.get("data_wait", 0.0) + time.perf_counter() - td
-                out = self.micro_step(batch, window)
+                poison = t.inject_nan_at_step == self.step and self.rank == t.inject_nan_rank
+                out = self.wenlan.micro_step(batch, self.step, window, poison=poison)
                 win_samples += batch["image"].shape[0] * self.world
                 self.samples += batch["image"].shape[0] * self.world
                 if out is None:
@@ -344,10 +270,10 @@ class Trainer:
                     continue
                 self.bad_in_row = 0
                 micro_done += 1
-                for k in ("loss", "loss_i2t", "loss_t2i", "pos_logit", "neg_logit", "temperature"):
-                    sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
                 n_sum += 1
-            if micro_done == t.grad_accum_steps and not self.optimizer_step(window):
+            if micro_done == t.grad_accum_steps and not self.wenlan.boundary(self.step, window):
                 self.skipped += 1
             self.step += 1
             if self.step % t.log_every == 0 or self.step == last:
@@ -372,7 +298,7 @@ class Trainer:
         counts = dist.sum_counts(dict(counts, _read=self.stream.samples_read()))
         read = counts.pop("_read", 0)
         grad_norm = self.engine.get_global_grad_norm()
-        keys = ("loss", "loss_i2t", "loss_t2i", "pos_logit", "neg_logit", "temperature")
+        keys = sorted(set().union(*dist.all_gather_objects(sorted(sums))))  # a rank that skipped all has none
         vec = dist.all_reduce(torch.tensor([sums.get(k, 0.0) for k in keys] + [float(n_sum)], dtype=torch.float64))
         n_all = float(vec[-1])
         metrics: Dict[str, Any] = {k: float(v) / n_all for k, v in zip(keys, vec[:-1])} if n_all else {}
@@ -384,16 +310,17 @@ class Trainer:
         metrics.update({
             "lr": tower_lr,
             "lr_head": head_lr,
-            "momentum": momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan),
             "samples_per_s": win_samples / elapsed,
             "data_wait_frac": window.get("data_wait", 0.0) / elapsed,
-            "queue_fill": float(self.keys.image_queue.filled) / self.cfg.wenlan.queue_size,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "skipped_steps": self.skipped,
             "samples": self.samples,
             "data_read": read,
             "data_skipped": sum(counts.values()),
         })
+        if self.wenlan.keys is not None:
+            metrics["momentum"] = momentum_at(self.step, self.cfg.train.steps, self.cfg.wenlan)
+            metrics.update(self.wenlan.queue_stats(self.step))
         for k, v in counts.items():
             metrics[f"data_skip/{k}"] = v
         for k in ("key_forward", "query_forward", "backward", "optimizer", "momentum", "gather_enqueue"):
@@ -403,67 +330,44 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Held-out retrieval over distinct queries and distinct images (both directions)."""
+        """Held-out retrieval over distinct queries and distinct images (both directions), streamed."""
         d = self.cfg.data
         if not d.val_shards:
             return {}
-        from .data import iter_eval_batches
+        from .eval.embed import embed_shards
         from .eval.retrieval import build_pairs, pair_retrieval_metrics
 
-        t0 = time.perf_counter()
-        module = self.engine.module
-        module.eval()
-        bs = self.cfg.train.micro_batch_size
-        parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("img", "txt", "qid", "iid", "clicks", "index")}
-        n_batches = torch.zeros(1, device=self.device)
-        batches = list(iter_eval_batches(d.val_shards, batch_size=bs, image_transform=self.eval_transform,
-                                         tokenizer=self.tokenizer, max_length=self.cfg.model.text.max_length,
-                                         rank=self.rank, world_size=self.world, max_samples=d.val_max_samples))
-        # ZeRO-3 forwards are collective: every rank runs the same number of forwards
-        n_batches[0] = len(batches)
-        n_max = int(dist.all_reduce(n_batches.clone(), "max").item())
-        for i in range(n_max):
-            real = i < len(batches)
-            b = self._to_device(batches[i] if real else batches[0] if batches else self._dummy_batch(bs))
-            with self.autocast:
-                img, txt = module.query(b["image"], b["input_ids"], b["attention_mask"])
-            if real:
-                parts["img"].append(img.float().cpu())
-                parts["txt"].append(txt.float().cpu())
-                for k, src in (("qid", "query_id"), ("iid", "image_id"), ("clicks", "clicks"), ("index", "index")):
-                    parts[k].append(b[src].cpu())
-        local = {k: (torch.cat(v) if v else None) for k, v in parts.items()}
-        gathered = dist.all_gather_objects(local)
-        module.train()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        size, length = self.cfg.model.image.image_size, self.cfg.model.text.max_length
+        dummy = {"image": torch.zeros(1, 3, size, size), "input_ids": torch.zeros(1, length, dtype=torch.long),
+                 "attention_mask": torch.ones(1, length, dtype=torch.long)}
+        emb = embed_shards(self.engine.module.query, d.val_shards, self.eval_transform, self.tokenizer,
+                           max_length=length, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
+                           world_size=self.world, device=self.device, max_samples=d.val_max_samples,
+                           lockstep=self.cfg.train.zero_stage == 3, autocast=self.autocast, dummy=dummy)
         results: Dict[str, float] = {}
         if self.rank == 0:
-            cat = {k: torch.cat([g[k] for g in gathered if g[k] is not None]) for k in local}
-            order = torch.argsort(cat["index"])
-            cat = {k: v[order] for k, v in cat.items()}
-            pq, pi, q_first, i_first, gains = build_pairs(cat["qid"], cat["iid"], cat["clicks"])
-            results = pair_retrieval_metrics(cat["txt"][q_first], cat["img"][i_first], pq, pi, gains)
+            pq, pi, q_first, i_first, gains = build_pairs(emb.query_id, emb.image_id, emb.clicks)
+            results = pair_retrieval_metrics(emb.text[q_first], emb.image[i_first], pq, pi, gains)
             results["eval_seconds"] = time.perf_counter() - t0
+            results["eval_cpu_seconds"] = time.process_time() - cpu0  # this process, all its threads
             self.writer.write(self.step, results, progress=False, prefix="eval/")
             log.info("eval step %d: %d queries, %d images | t2i R@1 %.3f R@5 %.3f R@10 %.3f | i2t R@1 %.3f R@5 "
-                     "%.3f R@10 %.3f | chance t2i R@1 %.4f", self.step, results.get("t2i_num_queries", 0),
-                     results.get("t2i_gallery_size", 0), results.get("t2i_hit@1", float("nan")),
-                     results.get("t2i_hit@5", float("nan")), results.get("t2i_hit@10", float("nan")),
-                     results.get("i2t_hit@1", float("nan")), results.get("i2t_hit@5", float("nan")),
-                     results.get("i2t_hit@10", float("nan")), results.get("t2i_chance_hit@1", float("nan")))
+                     "%.3f R@10 %.3f | rsum %.1f | chance t2i R@1 %.4f", self.step,
+                     results.get("t2i_num_queries", 0), results.get("t2i_gallery_size", 0),
+                     results.get("t2i_hit@1", float("nan")), results.get("t2i_hit@5", float("nan")),
+                     results.get("t2i_hit@10", float("nan")), results.get("i2t_hit@1", float("nan")),
+                     results.get("i2t_hit@5", float("nan")), results.get("i2t_hit@10", float("nan")),
+                     results.get("rsum", float("nan")), results.get("t2i_chance_hit@1", float("nan")))
             os.makedirs(os.path.join(self.cfg.train.output_dir, "eval"), exist_ok=True)
             with open(os.path.join(self.cfg.train.output_dir, "eval", f"step_{self.step:08d}.json"), "w") as f:
                 json.dump({"step": self.step, **results}, f, indent=1)
         self.last_eval = dist.broadcast_object(results)
         return self.last_eval
 
-    def _dummy_batch(self, bs: int) -> Dict[str, torch.Tensor]:
-        size, length = self.cfg.model.image.image_size, self.cfg.model.text.max_length
-        return {"image": torch.zeros(1, 3, size, size), "input_ids": torch.zeros(1, length, dtype=torch.long),
-                "attention_mask": torch.ones(1, length, dtype=torch.long)}
-
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        shared = {"keys": self.keys.state_dict(), "step": self.step, "samples": self.samples,
+        shared = {"keys": self.wenlan.state_dict(), "step": self.step, "samples": self.samples,
                   "skipped": self.skipped, "bad_in_row": self.bad_in_row}
         own = {"stream": self.stream.state_dict(), "rng": checkpoint.rng_state()}
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, shared, own, self.cfg.train.keep_checkpoints)
@@ -472,7 +376,7 @@ class Trainer:
 
     def _restore(self, tag: str) -> None:
         shared, own = checkpoint.load(self.engine, self.ckpt_dir, tag)
-        self.keys.load_state_dict(shared["keys"])
+        self.wenlan.load_state_dict(shared["keys"])
         self.step, self.samples = shared["step"], shared["samples"]
         self.skipped, self.bad_in_row = shared["skipped"], shared["bad_in_row"]
         self.stream.load_state_dict(own["stream"])

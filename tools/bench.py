@@ -108,9 +108,9 @@ def run_steps(tr, it, n: int, timings: Dict[str, float]) -> int:
             t0 = time.perf_counter()
             batch = tr._to_device(next(it))
             timings["data_wait"] = timings.get("data_wait", 0.0) + time.perf_counter() - t0
-            tr.micro_step(batch, timings)
+            tr.wenlan.micro_step(batch, tr.step, timings)
             samples += batch["image"].shape[0] * tr.world
-        tr.optimizer_step(timings)
+        tr.wenlan.boundary(tr.step, timings)
         tr.step += 1
     return samples
 
@@ -119,8 +119,8 @@ def count_flops(tr, it) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     batch = tr._to_device(next(it))
     with FlopCounterMode(display=False) as fc:
-        tr.micro_step(batch, {})
-        tr.optimizer_step({})
+        tr.wenlan.micro_step(batch, tr.step, {})
+        tr.wenlan.boundary(tr.step, {})
     tr.step += 1
     return float(fc.get_total_flops()) * tr.cfg.train.grad_accum_steps
 
@@ -228,7 +228,7 @@ def _memory_worker(rank, world, port, config, overrides, stage, outfile):
     it = iter(tr.stream)
     run_steps(tr, it, 2, {})
     # measure at the peak of the model state: gradients of a full backward present, before the step
-    tr.micro_step(tr._to_device(next(it)), {})
+    tr.wenlan.micro_step(tr._to_device(next(it)), tr.step, {})
     gc.collect()
     opt = tr.engine.optimizer
     opt_objs = [vars(opt)] + ([vars(opt.optimizer)] if hasattr(opt, "optimizer") else [])
@@ -236,11 +236,11 @@ def _memory_worker(rank, world, port, config, overrides, stage, outfile):
     parts = {
         "parameters_and_gradients": _tensor_bytes(params),
         "optimizer_incl_master_and_grad_partitions": _tensor_bytes(opt_objs),
-        "momentum_encoders": _tensor_bytes(list(tr.keys.key.parameters())),
+        "momentum_encoders": _tensor_bytes(list(tr.wenlan.keys.key.parameters())),
         # each storage once, whoever reaches it
-        "total": _tensor_bytes(params + opt_objs + list(tr.keys.key.parameters())),
+        "total": _tensor_bytes(params + opt_objs + list(tr.wenlan.keys.key.parameters())),
     }
-    tr.optimizer_step({})
+    tr.wenlan.boundary(tr.step, {})
     if rank == 0:
         with open(outfile, "w") as f:
             json.dump(parts, f)

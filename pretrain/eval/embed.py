@@ -127,18 +127,36 @@ def embed_karpathy(towers, images: Sequence[KarpathyImage], transform: Callable,
 @torch.no_grad()
 def embed_shards(towers, urls: str, transform: Callable, tokenizer, *, max_length: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, device: Union[str, torch.device] = "cpu",
-                 max_samples: int = 0) -> ShardEmbeddings:
-    """Every held-out pair of the shards (``pretrain.data.iter_eval_batches`` splits them over ranks)."""
+                 max_samples: int = 0, lockstep: bool = False, autocast=None,
+                 dummy: Optional[Dict[str, torch.Tensor]] = None) -> ShardEmbeddings:
+    """Every held-out pair of the shards (``pretrain.data.iter_eval_batches`` splits them over ranks), streamed:
+    only the embeddings are kept. ``lockstep`` (ZeRO-3, whose forwards are collective): every rank runs the
+    same number of forwards, a rank that has run out of batches forwarding its first batch (or ``dummy``) again."""
     from ..data import iter_eval_batches
 
     rows_i, rows_t = [], []
     meta: Dict[str, list] = {"index": [], "query_id": [], "image_id": [], "clicks": [], "key": []}
+    batches = iter(iter_eval_batches(urls, batch_size=batch_size, image_transform=transform, tokenizer=tokenizer,
+                                     max_length=max_length, rank=rank, world_size=world_size,
+                                     max_samples=max_samples or None))
+    spare = None
     with eval_mode(towers):
-        for b in iter_eval_batches(urls, batch_size=batch_size, image_transform=transform, tokenizer=tokenizer,
-                                   max_length=max_length, rank=rank, world_size=world_size,
-                                   max_samples=max_samples or None):
-            rows_i.append(towers.image(b["image"].to(device)).float().cpu())
-            rows_t.append(towers.text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
+        while True:
+            b = next(batches, None)
+            if lockstep:  # one flag per batch: go on while any rank still has a batch
+                if not dist.any_rank(b is not None, torch.device(device)):
+                    break
+                spare = spare if spare is not None else (b or dummy)
+                if b is None:
+                    with autocast or contextlib.nullcontext():
+                        towers.image(spare["image"].to(device))
+                        towers.text(spare["input_ids"].to(device), spare["attention_mask"].to(device))
+                    continue
+            elif b is None:
+                break
+            with autocast or contextlib.nullcontext():
+                rows_i.append(towers.image(b["image"].to(device)).float().cpu())
+                rows_t.append(towers.text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
             n = b["image"].shape[0]
             meta["index"] += torch.as_tensor(b["index"]).reshape(-1).tolist()
             for k in ("query_id", "image_id", "clicks"):

@@ -8,7 +8,8 @@ import sys
 from _tiny import ROOT, tiny_overrides, write_shards
 
 REQUIRED = ["loss", "loss_i2t", "loss_t2i", "lr", "temperature", "momentum", "samples_per_s", "data_wait_frac",
-            "pos_logit", "neg_logit", "queue_fill", "grad_norm", "skipped_steps"]
+            "pos_cos", "hardest_neg_cos", "effective_negatives", "queue_masked_frac", "queue_mass", "key_lag_cos_image",
+            "key_lag_cos_text", "queue_fill", "queue_age_mean", "queue_age_max", "grad_norm", "skipped_steps"]
 EVAL = ["eval/t2i_hit@1", "eval/t2i_hit@5", "eval/t2i_hit@10", "eval/i2t_hit@1", "eval/i2t_hit@5", "eval/i2t_hit@10"]
 
 

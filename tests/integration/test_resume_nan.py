@@ -20,8 +20,8 @@ def worker(rank, world, port, overrides, resume, outfile, synthetic):
     cfg = load_config(None, overrides)
     tr = Trainer(cfg, resume=resume, stream=SyntheticStream(rank) if synthetic else None)
     tr.fit()
-    torch.save({"step": tr.step, "skipped": tr.skipped, "queue": tr.keys.image_queue.features.clone(),
-                "key0": tr.keys.full_parameters()[0]}, f"{outfile}_{rank}.pt")
+    torch.save({"step": tr.step, "skipped": tr.skipped, "queue": tr.wenlan.keys.image_queue.features.clone(),
+                "key0": tr.wenlan.keys.full_parameters()[0]}, f"{outfile}_{rank}.pt")
 
 
 def run(overrides, resume, outfile, synthetic=True):

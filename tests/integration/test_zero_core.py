@@ -48,7 +48,7 @@ def worker(rank, world, port, stage, outdir):
                 return [p.detach().clone().double() for p in params]
         return [p.detach().clone().double() for p in params]
 
-    ema = [p.double() for p in tr.keys.full_parameters()]  # g_0 = f_0
+    ema = [p.double() for p in tr.wenlan.keys.full_parameters()]  # g_0 = f_0
     q_start = gathered_query_params()
     opt = tr.engine.optimizer
     # ZeRO-3 fp32: the optimizer's master partitions are the parameter partitions (no second copy)
@@ -57,13 +57,13 @@ def worker(rank, world, port, stage, outdir):
     loss_err, saw_masked_fn, saw_unfilled = 0.0, False, False
     for step in range(STEPS):
         batch = stream.batch(step)
-        iq, tq = tr.keys.image_queue, tr.keys.text_queue
+        iq, tq = tr.wenlan.keys.image_queue, tr.wenlan.keys.text_queue
         snap = {f"{n}_{a}": getattr(q, a).clone() for n, q in (("i", iq), ("t", tq))
                 for a in ("features", "query_ids", "image_ids", "filled")}
         with torch.no_grad():
             q_img, q_txt = module.query(batch["image"], batch["input_ids"], batch["attention_mask"])
-            k_img, k_txt = tr.keys.keys(batch["image"], batch["input_ids"], batch["attention_mask"])
-        out = tr.micro_step(batch, {})
+            k_img, k_txt = tr.wenlan.keys.keys(batch["image"], batch["input_ids"], batch["attention_mask"])
+        out = tr.wenlan.micro_step(batch, tr.step, {})
         assert out is not None
         tau = float(out["temperature"])  # the temperature the step used (partitioned under ZeRO-3)
         qids, iids = batch["query_id"], batch["image_id"]
@@ -75,11 +75,11 @@ def worker(rank, world, port, stage, outdir):
         saw_unfilled |= int(snap["t_filled"]) < cfg.wenlan.queue_size and int(snap["t_filled"]) > 0
         saw_masked_fn |= bool(((snap["t_query_ids"][None] == qids[:, None]) &
                                (torch.arange(20)[None] < int(snap["t_filled"]))).any())
-        assert tr.optimizer_step({})
+        assert tr.wenlan.boundary(tr.step, {})
         tr.step += 1
         m = cfg.wenlan.momentum
         ema = [m * e + (1 - m) * f for e, f in zip(ema, gathered_query_params())]
-    key_now = tr.keys.full_parameters()
+    key_now = tr.wenlan.keys.full_parameters()
     rel = max(float((k.double() - e).norm() / e.norm().clamp_min(1e-12)) for k, e in zip(key_now, ema))
     # the EMA differs from the query encoder itself (so the comparison can fail)
     q_now = gathered_query_params()
@@ -87,9 +87,9 @@ def worker(rank, world, port, stage, outdir):
                         for k, q in zip(key_now, q_now))
     moved = min(float((q - s).norm() / s.norm().clamp_min(1e-12)) for q, s in zip(q_now, q_start)
                 if s.numel() > 1 and s.norm() > 0)
-    queues = [tr.keys.image_queue.features.clone(), tr.keys.text_queue.features.clone(),
-              tr.keys.image_queue.query_ids.clone(), tr.keys.text_queue.image_ids.clone(),
-              tr.keys.image_queue.ptr.clone(), tr.keys.text_queue.filled.clone()]
+    queues = [tr.wenlan.keys.image_queue.features.clone(), tr.wenlan.keys.text_queue.features.clone(),
+              tr.wenlan.keys.image_queue.query_ids.clone(), tr.wenlan.keys.text_queue.image_ids.clone(),
+              tr.wenlan.keys.image_queue.ptr.clone(), tr.wenlan.keys.text_queue.filled.clone()]
     torch.save({"loss_err": loss_err, "ema_rel": rel, "dist_to_query": dist_to_query, "queues": queues,
                 "shared": shared, "moved": moved,
                 "saw_unfilled": saw_unfilled, "saw_masked_fn": saw_masked_fn},

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import WenLanConfig
-from pretrain.wenlan import NegativeQueue, click_weights, contrastive_loss, momentum_at, momentum_update
+from pretrain.wenlan import (NegativeQueue, click_weights, distill_alpha_at, info_nce, momentum_at, momentum_update,
+                             wenlan_loss)
 
 
 def ref_ring(size, batches):
@@ -43,18 +44,44 @@ def test_queue_ring_matches_reference(size, batch_sizes):
             assert int(q.query_ids[j]) == r * 10 and int(q.image_ids[j]) == r * 100
 
 
-def ref_loss(q, k, negs, excluded, tau, weights=None):
-    """Loop over samples: -log softmax of the positive among positive + non-excluded negatives."""
-    q, k, negs = q.double().numpy(), k.double().numpy(), negs.double().numpy()
+def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_iids, tau, *, batch_counts,
+                  mask_unfilled=True, mask_fn=True, queue_on=True, bias=0.0, key_q=None, key_batch=None, alpha=0.0,
+                  weights=None):
+    """Loop over rows: the positive (column ``pos_col[i]`` of the batch block), then batch negatives (if
+    ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q``."""
+    q = q.double()
+    filled = int(queue.filled)
     losses = []
     for i in range(q.shape[0]):
-        logits = [float(q[i] @ k[i]) / tau]
-        for j in range(negs.shape[0]):
-            if not excluded(i, j):
-                logits.append(float(q[i] @ negs[j]) / tau)
-        mx = max(logits)
-        lse = mx + math.log(sum(math.exp(x - mx) for x in logits))
-        losses.append(lse - logits[0])
+        cols, kcols = [], []          # (logit, key logit) of the positive, then every kept negative
+        def add(vec, kvec, b=0.0):
+            cols.append(float(q[i] @ vec.double()) / tau + b)
+            if key_q is not None:
+                kcols.append(float(key_q[i].double() @ kvec.double()) / tau + b)
+        p = int(pos_col[i])
+        add(batch_cols[p], None if key_batch is None else key_batch[p])
+        for j in range(batch_cols.shape[0]):
+            if j == p or not batch_counts:
+                continue
+            if mask_fn and (int(batch_qids[j]) == int(qids[i]) or int(batch_iids[j]) == int(iids[i])):
+                continue
+            add(batch_cols[j], None if key_batch is None else key_batch[j])
+        for j in range(queue.size):
+            if not queue_on or (mask_unfilled and j >= filled):
+                continue
+            if mask_fn and (int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])):
+                continue
+            add(queue.features[j], queue.features[j], bias)
+        mx = max(cols)
+        logp = [c - (mx + math.log(sum(math.exp(x - mx) for x in cols))) for c in cols]
+        if alpha > 0:
+            kmx = max(kcols)
+            z = sum(math.exp(x - kmx) for x in kcols)
+            soft = [math.exp(x - kmx) / z for x in kcols]
+            target = [alpha * s + (1 - alpha) * (1.0 if t == 0 else 0.0) for t, s in enumerate(soft)]
+            losses.append(-sum(t * l for t, l in zip(target, logp)))
+        else:
+            losses.append(-logp[0])
     losses = np.array(losses)
     if weights is None:
         return losses.mean()
@@ -62,38 +89,147 @@ def ref_loss(q, k, negs, excluded, tau, weights=None):
     return (losses * w).sum() / w.sum()
 
 
-def test_contrastive_loss_masks_unfilled_and_false_negatives():
-    torch.manual_seed(0)
-    m, k_size, d, tau = 5, 9, 4, 0.1
-    q = F.normalize(torch.randn(m, d), dim=-1)
-    k = F.normalize(torch.randn(m, d), dim=-1)
-    queue = NegativeQueue(k_size, d)
-    qids = torch.tensor([1, 2, 3, 4, 5])
-    iids = torch.tensor([10, 20, 30, 40, 50])
-    # 6 of 9 slots filled; slot entries share ids with some positives (false negatives)
-    queue.enqueue(F.normalize(torch.randn(6, d), dim=-1), torch.tensor([1, 7, 3, 8, 9, 6]),
-                  torch.tensor([11, 20, 31, 41, 50, 61]))
-    filled = 6
-    mask = ~queue.valid().unsqueeze(0) | (queue.query_ids[None] == qids[:, None]) | (queue.image_ids[None] == iids[:, None])
-    loss, pos, neg = contrastive_loss(q, k, queue.features, mask, torch.tensor(tau))
+def _setup(seed=0, m=5, k_size=9, d=4):
+    torch.manual_seed(seed)
+    unit = lambda n: F.normalize(torch.randn(n, d), dim=-1)
+    qi, qt, ki, kt = unit(m), unit(m), unit(m), unit(m)
+    qids, iids = torch.tensor([1, 2, 3, 4, 2]), torch.tensor([10, 20, 30, 10, 50])  # repeats in the batch
+    iq, tq = NegativeQueue(k_size, d), NegativeQueue(k_size, d)
+    # 6 of 9 slots filled; some entries share ids with the positives (false negatives)
+    for q in (iq, tq):
+        q.enqueue(unit(6), torch.tensor([1, 7, 3, 8, 9, 6]), torch.tensor([11, 20, 31, 41, 50, 61]), step=2)
+    return qi, qt, ki, kt, qids, iids, iq, tq
 
-    def excluded(i, j):
-        return j >= filled or int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])
-    assert loss.item() == pytest.approx(ref_loss(q, k, queue.features, excluded, tau), rel=1e-5)
-    # the masking matters: without it the loss differs
-    assert abs(ref_loss(q, k, queue.features, lambda i, j: False, tau) - loss.item()) > 1e-3
-    # weighted variant
-    w = click_weights(torch.tensor([1.0, 5.0, 0.0, 20.0, 2.0]), "log")
-    loss_w, _, _ = contrastive_loss(q, k, queue.features, mask, torch.tensor(tau), w)
-    assert loss_w.item() == pytest.approx(ref_loss(q, k, queue.features, excluded, tau, w), rel=1e-5)
+
+def _gathered(ki, kt, qids, iids):
+    return ki, kt, qids, iids  # one process: the gather is the identity
+
+
+@pytest.mark.parametrize("variant", ["moco", "in_batch_negatives", "in_batch_block", "queue_off", "bias",
+                                     "distill", "distill_block", "no_masking", "clicks"])
+def test_wenlan_loss_matches_reference(variant):
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau = 0.1
+    kw = dict(mode="momentum")
+    if variant in ("in_batch_negatives",):
+        kw["in_batch_negatives"] = True
+    if variant in ("in_batch_block", "distill_block", "bias"):
+        kw["in_batch_block"] = True
+    if variant == "queue_off":
+        kw["queue_start_step"] = 10
+    if variant == "bias":
+        kw["queue_logit_bias"] = -1.5
+    if variant == "no_masking":
+        kw.update(mask_unfilled=False, mask_false_negatives=False)
+    if variant == "clicks":
+        kw["click_weighting"] = "log"
+    cfg = WenLanConfig(**kw)
+    alpha = 0.4 if variant.startswith("distill") else 0.0
+    clicks = torch.tensor([1.0, 5.0, 0.0, 20.0, 2.0]) if variant == "clicks" else None
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                      gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                      image_ids=iids, clicks=clicks, distill_alpha=alpha)
+    block = cfg.in_batch_block
+    counts = cfg.in_batch_block or cfg.in_batch_negatives
+    w = click_weights(clicks, "log") if clicks is not None else None
+    common = dict(batch_counts=counts, mask_unfilled=cfg.mask_unfilled, mask_fn=cfg.mask_false_negatives,
+                  queue_on=variant != "queue_off", bias=cfg.queue_logit_bias, alpha=alpha, weights=w)
+    pos = torch.arange(5)
+    ref = (ref_direction(qi, pos, qt if block else kt, tq, qids, iids, qids, iids, tau, key_q=ki, key_batch=kt,
+                         **common)
+           + ref_direction(qt, pos, qi if block else ki, iq, qids, iids, qids, iids, tau, key_q=kt, key_batch=ki,
+                           **common))
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_masking_changes_the_loss():
+    """The reference can tell masked from unmasked: the check above is not vacuous."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    a = wenlan_loss(WenLanConfig(), qi, qt, torch.tensor(0.1), 0, ki, kt, _gathered(ki, kt, qids, iids), iq, tq,
+                    qids, iids)["loss"].item()
+    b = wenlan_loss(WenLanConfig(mask_false_negatives=False), qi, qt, torch.tensor(0.1), 0, ki, kt,
+                    _gathered(ki, kt, qids, iids), iq, tq, qids, iids)["loss"].item()
+    assert abs(a - b) > 1e-3
+
+
+def test_in_batch_block_scores_query_embeddings_with_gradient():
+    """With the block, L_I2T scores q_I against the text *query* embeddings (not the momentum keys), and its
+    gradient reaches q_T; in MoCo mode L_I2T does not depend on q_T at all."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    qt = qt.clone().requires_grad_(True)
+
+    def i2t(cfg, text):
+        return wenlan_loss(cfg, qi, text, torch.tensor(0.1), 0, ki, kt, _gathered(ki, kt, qids, iids), iq, tq,
+                           qids, iids)["loss_i2t"].item()
+    block, moco = WenLanConfig(in_batch_block=True), WenLanConfig()
+    shifted = F.normalize(qt.detach() + 0.5, dim=-1)
+    assert i2t(block, qt.detach()) != pytest.approx(i2t(block, shifted), rel=1e-4)
+    assert i2t(moco, qt.detach()) == pytest.approx(i2t(moco, shifted), rel=1e-7)
+    loss = wenlan_loss(block, qi, qt, torch.tensor(0.1), 0, ki, kt, _gathered(ki, kt, qids, iids), iq, tq,
+                       qids, iids)["loss"]
+    (g,) = torch.autograd.grad(loss, [qt])
+    assert float(g.norm()) > 0
 
 
 def test_all_masked_negatives_gives_zero_loss():
     q = F.normalize(torch.randn(3, 4), dim=-1)
-    queue = NegativeQueue(4, 4)  # empty: every slot unfilled
-    mask = ~queue.valid().unsqueeze(0).expand(3, 4)
-    loss, _, _ = contrastive_loss(q, q, queue.features, mask, torch.tensor(0.07))
+    empty = NegativeQueue(4, 4)  # every slot unfilled
+    loss, stats = info_nce(q, torch.cat([q, empty.features]), torch.arange(3),
+                           torch.cat([~torch.eye(3, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)], 1),
+                           torch.tensor(0.07), queue_cols=4)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert float(stats["queue_masked_frac"]) == 1.0 and float(stats["effective_negatives"]) == 0.0
+
+
+def test_diagnostics_match_independent_computation():
+    """pos/hardest-negative cosines, effective number of negatives (exp of the entropy of the softmax over the
+    kept negatives), fraction of queue logits masked, queue share of the negative mass, key lag."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup(seed=3)
+    tau = 0.2
+    cfg = WenLanConfig(in_batch_negatives=True)
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), 4, ki, kt, _gathered(ki, kt, qids, iids), iq, tq, qids, iids)
+
+    def per_direction(q, batch_keys, queue):
+        pos_c, hard, eff, masked, qmass = [], [], [], 0, []
+        for i in range(5):
+            pos_c.append(float(q[i] @ batch_keys[i]))
+            negs = []   # (cosine, from queue)
+            for j in range(5):
+                if j != i and int(qids[j]) != int(qids[i]) and int(iids[j]) != int(iids[i]):
+                    negs.append((float(q[i] @ batch_keys[j]), False))
+            for j in range(queue.size):
+                excluded = j >= int(queue.filled) or int(queue.query_ids[j]) == int(qids[i]) or \
+                    int(queue.image_ids[j]) == int(iids[i])
+                masked += excluded
+                if not excluded:
+                    negs.append((float(q[i] @ queue.features[j]), True))
+            hard.append(max(c for c, _ in negs))
+            e = [math.exp(c / tau) for c, _ in negs]
+            p = [x / sum(e) for x in e]
+            eff.append(math.exp(-sum(x * math.log(x) for x in p)))
+            qmass.append(sum(x for x, (_, fromq) in zip(p, negs) if fromq))
+        return (np.mean(pos_c), np.mean(hard), np.mean(eff), masked / (5 * queue.size), np.mean(qmass))
+
+    a = per_direction(qi, kt, tq)
+    b = per_direction(qt, ki, iq)
+    for name, idx in (("pos_cos", 0), ("hardest_neg_cos", 1), ("effective_negatives", 2),
+                      ("queue_masked_frac", 3), ("queue_mass", 4)):
+        assert float(out[name]) == pytest.approx((a[idx] + b[idx]) / 2, rel=1e-5, abs=1e-6), name
+    assert float(out["key_lag_cos_image"]) == pytest.approx(float(sum(qi[i] @ ki[i] for i in range(5)) / 5), rel=1e-5)
+    assert float(out["key_lag_cos_text"]) == pytest.approx(float(sum(qt[i] @ kt[i] for i in range(5)) / 5), rel=1e-5)
+
+
+def test_queue_age_from_enqueue_steps():
+    q = NegativeQueue(5, 2)
+    q.enqueue(torch.ones(3, 2), torch.arange(3), torch.arange(3), step=4)
+    q.enqueue(torch.ones(3, 2), torch.arange(3), torch.arange(3), step=7)   # wraps: slot 0 rewritten at step 7
+    assert q.steps.tolist() == [7, 4, 4, 7, 7]
+    from pretrain.wenlan import WenLanStep
+    st = WenLanStep.__new__(WenLanStep)
+    st.keys = type("K", (), {"image_queue": q})()
+    stats = st.queue_stats(10)
+    assert stats["queue_age_mean"] == pytest.approx((3 + 6 + 6 + 3 + 3) / 5)
+    assert stats["queue_age_max"] == 6 and stats["queue_fill"] == 1.0
 
 
 def test_momentum_update_is_ema():
@@ -129,3 +265,11 @@ def test_in_batch_loss_single_process_matches_reference():
             tot += mx + math.log(sum(math.exp(x - mx) for x in logits)) - logits[i]
         return tot / 6
     assert out["loss"].item() == pytest.approx(ref(qi, qt) + ref(qt, qi), rel=1e-5)
+
+
+def test_distill_alpha_ramp():
+    c = WenLanConfig(distill_alpha=0.4, distill_ramp_steps=10)
+    assert distill_alpha_at(0, c) == pytest.approx(0.04)
+    assert distill_alpha_at(9, c) == pytest.approx(0.4)
+    assert distill_alpha_at(50, c) == pytest.approx(0.4)
+    assert distill_alpha_at(5, WenLanConfig()) == 0.0

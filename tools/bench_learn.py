@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""The learning benchmark: train several settings on the same shards for the same number of samples and
+several seeds, evaluate each on held-out data, and print one table (``python tools/bench.py learn``).
+
+    python tools/bench.py learn --config configs/pretrain/learn.yaml \
+        --train-shards data/flickr/shards/train/train --val-shards data/flickr/shards/val/train \
+        --setting in_batch:wenlan.mode=in_batch --setting wenlan: \
+        --setting moco:wenlan.in_batch_block=false,wenlan.distill_alpha=0 --seeds 0 1 --jobs 2
+
+A setting is ``NAME:key=value,key=value`` (config overrides on top of ``--config``; ``NAME:`` alone is the
+config as it is). Each (setting, seed) is one run of ``launch/pretrain.py`` in its own process, with
+``train.seed`` and ``data.seed`` set to the seed; ``--jobs`` runs that many at once, each with
+cores/jobs threads. CPU seconds are the user + system time of the run's process and its loader workers,
+less the final evaluation's (start-up included); wall seconds likewise exclude the evaluation.
+Every run directory is kept under ``--out`` (a rerun reuses finished runs: delete them to start over).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("rsum", "t2i_hit@1", "t2i_hit@5", "t2i_hit@10", "i2t_hit@1", "i2t_hit@5", "i2t_hit@10")
+
+
+def parse_setting(text: str) -> Tuple[str, List[str]]:
+    name, _, rest = text.partition(":")
+    if not name or not all(c.isalnum() or c in "_-.+" for c in name):
+        raise ValueError(f"--setting '{text}': give NAME:key=value,key=value (a name of letters, digits, _-.+)")
+    overrides = [o.strip() for o in rest.split(",") if o.strip()]
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"--setting '{text}': '{o}' is not key=value")
+    return name, overrides
+
+
+def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> Dict[str, Any]:
+    run_dir = os.path.join(args.out, f"{name}_seed{seed}")
+    done = os.path.join(run_dir, "bench_result.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", args.config, "--resume", "never",
+           f"data.train_shards={args.train_shards}", f"data.val_shards={args.val_shards}",
+           f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}", "train.eval_every=0",
+           f"train.save_every={10 ** 9}"] + (["train.steps=%d" % args.steps] if args.steps else []) + overrides
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if os.path.isdir(run_dir):
+        import shutil
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    t0 = time.perf_counter()
+    with open(os.path.join(run_dir, "bench.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"setting {name} seed {seed} failed (exit {proc.returncode}); see {run_dir}/bench.log")
+    evals = sorted(glob.glob(os.path.join(run_dir, "eval", "step_*.json")))
+    if not evals:
+        raise RuntimeError(f"setting {name} seed {seed}: no evaluation written; is data.val_shards set?")
+    with open(evals[-1]) as f:
+        ev = json.load(f)
+    samples = 0
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            samples = max(samples, int(rec.get("samples", 0) or 0))
+    cpu = usage.ru_utime + usage.ru_stime
+    res = {"setting": name, "seed": seed, "overrides": overrides, "wall_s": wall - ev.get("eval_seconds", 0.0),
+           "cpu_s": cpu - ev.get("eval_cpu_seconds", 0.0), "run_cpu_s": cpu, "samples": samples, "step": ev.get("step"),
+           "eval_images": ev.get("t2i_gallery_size"), "eval_queries": ev.get("t2i_num_queries"),
+           **{k: ev.get(k) for k in METRICS}}
+    with open(done, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def summarise(results: List[Dict[str, Any]], names: List[str]) -> List[str]:
+    def cell(vals: List[float], fmt: str) -> str:
+        if len(vals) == 1:
+            return format(vals[0], fmt)
+        return f"{format(statistics.mean(vals), fmt)} ±{format((max(vals) - min(vals)) / 2, fmt)}"
+    head = (f"{'setting':<22}{'seeds':>6}{'rsum':>14}{'t2i R@1':>14}{'t2i R@10':>14}{'i2t R@1':>14}"
+            f"{'samples':>9}{'wall s':>9}{'CPU s':>9}")
+    lines = [head, "-" * len(head)]
+    base = None
+    for name in names:
+        rs = [r for r in results if r["setting"] == name]
+        if not rs:
+            continue
+        mean_rsum = statistics.mean(r["rsum"] for r in rs)
+        base = base if base is not None else mean_rsum
+        lines.append(f"{name:<22}{len(rs):>6}{cell([r['rsum'] for r in rs], '.1f'):>14}"
+                     f"{cell([r['t2i_hit@1'] for r in rs], '.3f'):>14}{cell([r['t2i_hit@10'] for r in rs], '.3f'):>14}"
+                     f"{cell([r['i2t_hit@1'] for r in rs], '.3f'):>14}{rs[0]['samples']:>9}"
+                     f"{statistics.mean(r['wall_s'] for r in rs):>9.0f}{statistics.mean(r['cpu_s'] for r in rs):>9.0f}")
+    first = results[0] if results else {}
+    lines.append(f"mean ± half-range over seeds; held-out: {first.get('eval_queries')} captions x "
+                 f"{first.get('eval_images')} images; rsum = sum of R@1/5/10 both directions, in percent")
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "pretrain", "learn.yaml"))
+    p.add_argument("--train-shards", required=True)
+    p.add_argument("--val-shards", required=True)
+    p.add_argument("--setting", action="append", required=True, help="NAME:key=value,key=value (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=0, help="override train.steps of every setting (0: the config's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--out", default="runs/bench_learn", help="folder of the run directories")
+    p.add_argument("--json", default="bench_learn.json")
+    args = p.parse_args(argv)
+    try:
+        settings = [parse_setting(s) for s in args.setting]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path, what in ((args.config, "--config"),):
+        if not os.path.isfile(path):
+            print(f"error: {what} {path} does not exist", file=sys.stderr)
+            return 2
+    names = [n for n, _ in settings]
+    if len(set(names)) != len(names):
+        print("error: two --setting share a name", file=sys.stderr)
+        return 2
+    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    jobs = [(n, ov, s) for s in args.seeds for n, ov in settings]
+    results: List[Dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        futures = [pool.submit(run_one, args, n, ov, s, threads) for n, ov, s in jobs]
+        for (n, _, s), fut in zip(jobs, futures):
+            try:
+                r = fut.result()
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            results.append(r)
+            print(f"[learn] {n} seed {s}: rsum {r['rsum']:.1f}, t2i R@1 {r['t2i_hit@1']:.3f}, "
+                  f"{r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU s", flush=True)
+    table = summarise(results, names)
+    print("\n".join(table))
+    with open(args.json, "w") as f:
+        json.dump({"config": args.config, "train_shards": args.train_shards, "val_shards": args.val_shards,
+                   "seeds": args.seeds, "runs": results, "table": table}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
