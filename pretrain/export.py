@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .config import ModelConfig, RunConfig, _build, load_config
-from .models import DualEncoder, build_tokenizer
+from .models import DualEncoder, build_tokenizer, image_transform
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,5 @@ def load_export(export_dir: str, device: str = "cpu") -> Tuple[DualEncoder, obje
     towers.text.load_state_dict(load_file(os.path.join(export_dir, "text_tower.safetensors")))
     towers.to(device).eval()
     tokenizer = build_tokenizer(model_cfg.text)
-    from timm.data import create_transform, resolve_data_config
-    dc = resolve_data_config({}, model=towers.image.backbone)
-    transform = create_transform(model_cfg.image.image_size, is_training=False, crop_pct=1.0, mean=dc["mean"],
-                                 std=dc["std"], interpolation="bicubic")
+    transform = image_transform(towers.image, model_cfg.image.image_size)
     return towers, tokenizer, transform

@@ -173,6 +173,21 @@ class DualEncoder(nn.Module):
         return self.image(images), self.text(input_ids, attention_mask)
 
 
+def image_transform(image_tower: "ImageTower", image_size: int, train: bool = False, crop_scale_min: float = 1.0,
+                    hflip: float = 0.0, color_jitter: float = 0.0):
+    """The one timm transform of the project, normalised with the backbone's statistics. Evaluation (and
+    ``train`` without augmentation): resize to ``image_size``, no crop. Training: random-resized crop of
+    area ``[crop_scale_min, 1]``, flip with probability ``hflip``, optional colour jitter."""
+    from timm.data import create_transform, resolve_data_config
+
+    dc = resolve_data_config({}, model=image_tower.backbone)
+    common = dict(mean=dc["mean"], std=dc["std"], interpolation="bicubic")
+    if not train:
+        return create_transform(image_size, is_training=False, crop_pct=1.0, **common)
+    return create_transform(image_size, is_training=True, scale=(crop_scale_min, 1.0), hflip=hflip,
+                            color_jitter=color_jitter or None, auto_augment=None, re_prob=0.0, **common)
+
+
 def build_tokenizer(cfg: TextTowerConfig):
     from transformers import AutoTokenizer
 

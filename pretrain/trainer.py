@@ -20,7 +20,7 @@ import torch
 from . import checkpoint, dist
 from .config import RunConfig, save_config
 from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging
-from .models import build_tokenizer, momentum_copy
+from .models import build_tokenizer, image_transform, momentum_copy
 from .wenlan import WenLanModel, WenLanStep, momentum_at
 
 log = logging.getLogger("pretrain")
@@ -127,20 +127,12 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
-def build_transforms(cfg: RunConfig, backbone):
-    from timm.data import create_transform, resolve_data_config
-
-    dc = resolve_data_config({}, model=backbone)
-    size = cfg.model.image.image_size
-    common = dict(mean=dc["mean"], std=dc["std"], interpolation="bicubic")
-    if cfg.data.augment:
-        train = create_transform(size, is_training=True, scale=(cfg.data.crop_scale_min, 1.0), hflip=cfg.data.hflip,
-                                 color_jitter=cfg.data.color_jitter or None, auto_augment=None, re_prob=0.0,
-                                 **common)
-    else:
-        train = create_transform(size, is_training=False, crop_pct=1.0, **common)
-    evaluation = create_transform(size, is_training=False, crop_pct=1.0, **common)
-    return train, evaluation
+def build_transforms(cfg: RunConfig, image_tower):
+    """(train, evaluation) transforms of the pretraining run."""
+    d, size = cfg.data, cfg.model.image.image_size
+    train = image_transform(image_tower, size, train=d.augment, crop_scale_min=d.crop_scale_min, hflip=d.hflip,
+                            color_jitter=d.color_jitter)
+    return train, image_transform(image_tower, size)
 
 
 class Trainer:
@@ -183,7 +175,7 @@ class Trainer:
                                  total_steps=t.steps, zero_stage=t.zero_stage)
 
         self.tokenizer = build_tokenizer(cfg.model.text)
-        self.train_transform, self.eval_transform = build_transforms(cfg, model.query.image.backbone)
+        self.train_transform, self.eval_transform = build_transforms(cfg, model.query.image)
         self.stream = stream if stream is not None else self._build_stream()
 
         self.step = 0                 # optimizer steps done

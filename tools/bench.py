@@ -10,6 +10,9 @@
           with 2 processes, and their ratio.
   data    the loader alone (decode, transform, tokenise): samples/s, per worker.
   build   the shard builder: images/s per worker process.
+  learn   settings trained on real captioned photos for the same samples and several seeds, evaluated on
+          held-out photos: one table of retrieval metrics with their spread, wall and CPU seconds
+          (tools/bench_learn.py; its own options: python tools/bench.py learn --help).
 
   python tools/bench.py train --config configs/pretrain/bench.yaml --shards data/demo/shards/train --compare-in-batch
   python tools/bench.py memory --config configs/pretrain/bench.yaml --shards data/demo/shards/train
@@ -350,8 +353,16 @@ def mode_build(args, overrides) -> Dict[str, Any]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["learn"]:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "bench_learn", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_learn.py"))
+        bench_learn = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_learn)
+        return bench_learn.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("train", "memory", "data", "build"))
+    p.add_argument("mode", choices=("train", "memory", "data", "build", "learn"))
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "pretrain", "bench.yaml"))
     p.add_argument("--shards", default=os.path.join(ROOT, "data", "demo", "shards", "train"))
     p.add_argument("--steps", type=int, default=40, help="timed steps (train) or batches (data)")

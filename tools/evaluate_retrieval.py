@@ -69,7 +69,7 @@ def draw_grid(rows: Sequence[Tuple[str, List[Tuple[object, bool, float]]]], path
     covers Chinese (a warning is printed when it does not)."""
     from PIL import Image, ImageDraw
 
-    from _fonts import load_font
+    from pretrain.fonts import load_font
 
     font, cjk = load_font(16)
     small, _ = load_font(12, warn=False)

@@ -13,7 +13,7 @@ reason with example keys; the exit status is 1 when there are any (0 with --warn
 shard was found.
 
 The contact sheet is a PNG grid of the first (or, with --random, a seeded random choice of) N
-valid samples, the query drawn under each image with a CJK-capable font (see tools/_fonts.py;
+valid samples, the query drawn under each image with a CJK-capable font (see pretrain/fonts.py;
 without one it warns and suggests `apt-get install fonts-noto-cjk`). Its size is
 columns*cell_w x rows*cell_h with columns = min(--columns, N), rows = ceil(N / columns),
 cell_w = thumb + 2*PAD and cell_h = thumb + 2*PAD + TEXT_LINES*(font_px + 4),
@@ -36,7 +36,7 @@ import fsspec
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _fonts  # noqa: E402
+from pretrain import fonts as _fonts  # noqa: E402
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PAD = 4

@@ -86,7 +86,7 @@ def check_image(path: str) -> bool:
 
 
 def build(demo: str, out: str, captions: int, n_val: int, n_test: int, seed: int) -> Dict[str, int]:
-    from pretrain.vse.text_gru import words_of
+    from pretrain.vocab import words_of
 
     raw_dir = os.path.join(demo, "raw")
     log_path = find_click_log(raw_dir)

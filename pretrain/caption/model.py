@@ -23,7 +23,7 @@ import torch.nn as nn
 import yaml
 
 from ..config import ModelConfig, _build, save_config
-from ..models import ImageTower, TextTower, build_tokenizer
+from ..models import ImageTower, TextTower, build_tokenizer, image_transform
 from .config import CaptionRunConfig, EncoderConfig, load_caption_config
 from .decoders import CaptionDecoder, Memory, build_decoder
 
@@ -93,15 +93,6 @@ class CaptionModel(nn.Module):
             return prefix, int(grid[0]), int(grid[1])
         side = math.isqrt(n)
         return (prefix, side, side) if side * side == n else (prefix, 1, n)
-
-
-def eval_transform(image_tower: ImageTower, image_size: int):
-    """The deterministic transform of the pretraining evaluation (same as pretrain.export.load_export)."""
-    from timm.data import create_transform, resolve_data_config
-
-    dc = resolve_data_config({}, model=image_tower.backbone)
-    return create_transform(image_size, is_training=False, crop_pct=1.0, mean=dc["mean"], std=dc["std"],
-                            interpolation="bicubic")
 
 
 def load_towers(enc: EncoderConfig, need_text: bool):
@@ -182,4 +173,4 @@ def load_model_dir(directory: str, device: str = "cpu"):
     model = build_model(cfg, vocab.size, image, text, tokenizer)
     model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
     model.to(device).eval()
-    return model, vocab, eval_transform(image, towers_cfg.image.image_size), cfg
+    return model, vocab, image_transform(image, towers_cfg.image.image_size), cfg

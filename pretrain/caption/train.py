@@ -36,9 +36,11 @@ from .decoders import expand_memory
 from .decoding import DecodeRules, decode, sequences_to_lists
 from .losses import doubly_stochastic, label_smoothed_nll, scheduled_sampling_prob
 from .metrics import score_many, tokenize
-from .model import CaptionModel, build_model, eval_transform, load_towers, save_model_dir
+from ..models import image_transform
+from .model import CaptionModel, build_model, load_towers, save_model_dir
 from .scst import CiderReward, scst_step
-from .vocab import TokenizerVocab, WordVocab, sentence_tokens
+from ..vocab import WordVocab, sentence_tokens
+from .vocab import TokenizerVocab
 
 log = logging.getLogger("pretrain.caption")
 
@@ -152,7 +154,7 @@ class CaptionTrainer:
                                          d.min_word_freq)
         else:
             self.vocab = TokenizerVocab(tokenizer)
-        self.transform = eval_transform(image_tower, self.towers_cfg.image.image_size)
+        self.transform = image_transform(image_tower, self.towers_cfg.image.image_size)
         self.base_model = build_model(cfg, self.vocab.size, image_tower, text_tower, tokenizer)  # never trained
         n_dec = sum(p.numel() for p in self.base_model.decoder.parameters())
         log.info("data: %d train / %d val / %d test units; vocabulary %d (%s); decoder %s with %.2fM parameters",

@@ -19,25 +19,9 @@ from .decoding import DecodeRules, decode
 
 log = logging.getLogger(__name__)
 
-FONT_CANDIDATES = ["/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-                   "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
-                   "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-                   "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
-
-
 def _font(size: int):
-    from PIL import ImageFont
-
-    for path in FONT_CANDIDATES:
-        if os.path.exists(path):
-            try:
-                return ImageFont.truetype(path, size)
-            except OSError:
-                continue
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    from ..fonts import load_font
+    return load_font(size)[0]
 
 
 def center_square(image):

@@ -7,67 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections import Counter
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List
 
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-
-
-def simple_tokens(raw: str) -> List[str]:
-    """Lower-case words without punctuation: used when a sentence has no ``tokens`` field."""
-    return re.findall(r"[\w']+", raw.lower())
-
-
-def sentence_tokens(sentence: Dict[str, Any]) -> List[str]:
-    toks = sentence.get("tokens")
-    return [t.lower() for t in toks] if toks else simple_tokens(sentence.get("raw", ""))
-
-
-class WordVocab:
-    """``<pad>=0, <bos>=1, <eos>=2, <unk>=3``, then words by decreasing training frequency."""
-
-    kind = "word"
-
-    def __init__(self, words: Sequence[str]):
-        self.itos: List[str] = SPECIALS + [w for w in words if w not in SPECIALS]
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-        self.pad, self.bos, self.eos, self.unk = 0, 1, 2, 3
-
-    @classmethod
-    def build(cls, token_lists: Iterable[List[str]], min_freq: int) -> "WordVocab":
-        counts = Counter(t for toks in token_lists for t in toks)
-        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-        return cls(words)
-
-    @property
-    def size(self) -> int:
-        return len(self.itos)
-
-    def encode(self, sentence: Dict[str, Any]) -> List[int]:
-        return [self.stoi.get(t, self.unk) for t in sentence_tokens(sentence)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        words = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos:
-                break
-            if i in (self.pad, self.bos):
-                continue
-            words.append(self.itos[i])
-        return " ".join(words)
-
-    def tokens(self, ids: Iterable[int]) -> List[str]:
-        """One display string per id up to EOS (for attention maps)."""
-        return self.decode(ids).split()
-
-    def ids_of(self, words: Iterable[str]) -> List[int]:
-        return sorted({self.stoi[w] for w in words if w in self.stoi})
-
-    def save(self, directory: str) -> None:
-        with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({"kind": self.kind, "words": self.itos[len(SPECIALS):]}, f, ensure_ascii=False)
+from ..vocab import WordVocab
 
 
 class TokenizerVocab:
@@ -123,6 +65,6 @@ def load_vocab(directory: str):
     with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as f:
         data = json.load(f)
     if data["kind"] == "word":
-        return WordVocab(data["words"])
+        return WordVocab.from_json(data, os.path.join(directory, "vocab.json"))
     from transformers import AutoTokenizer
     return TokenizerVocab(AutoTokenizer.from_pretrained(os.path.join(directory, data["tokenizer"])))

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .text_gru import words_of
+from ..vocab import words_of
 
 log = logging.getLogger(__name__)
 

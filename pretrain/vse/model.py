@@ -24,9 +24,10 @@ import torch.nn as nn
 import yaml
 
 from ..config import ModelConfig, _build
-from ..models import ImageTower, Pooling, TextTower, build_tokenizer, projection
+from ..models import ImageTower, Pooling, TextTower, build_tokenizer, image_transform, projection
 from .config import VSEModelConfig
-from .text_gru import GRUTextEncoder, WordVocab
+from ..vocab import WordVocab
+from .text_gru import GRUTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +105,6 @@ def read_model_yaml(export_dir: str) -> ModelConfig:
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     return _build(ModelConfig, data, "model.")
-
-
-def eval_transform(image_tower: ImageTower, image_size: int):
-    """Resize to ``image_size`` (no crop) and normalise with the backbone's statistics (as ``load_export``)."""
-    from timm.data import create_transform, resolve_data_config
-
-    dc = resolve_data_config({}, model=image_tower.backbone)
-    return create_transform(image_size, is_training=False, crop_pct=1.0, mean=dc["mean"], std=dc["std"],
-                            interpolation="bicubic")
-
-
-def train_transform(image_tower: ImageTower, image_size: int, augment: bool, crop_scale_min: float, hflip: float):
-    from timm.data import create_transform, resolve_data_config
-
-    if not augment:
-        return eval_transform(image_tower, image_size)
-    dc = resolve_data_config({}, model=image_tower.backbone)
-    return create_transform(image_size, is_training=True, scale=(crop_scale_min, 1.0), hflip=hflip, color_jitter=None,
-                            auto_augment=None, re_prob=0.0, mean=dc["mean"], std=dc["std"], interpolation="bicubic")
 
 
 def _write_image_side(image: ImageTower, model_cfg: ModelConfig, out_dir: str) -> Dict[str, Any]:
@@ -213,7 +195,7 @@ def load_vse_export(export_dir: str, device: str = "cpu"):
         text = GRUTextEncoder(**meta["gru"])
         text.load_state_dict(load_file(os.path.join(export_dir, "text_gru.safetensors")))
         model = VSEModel(image, text)
-        transform = eval_transform(image, model_cfg.image.image_size)
+        transform = image_transform(image, model_cfg.image.image_size)
         max_length = int(meta["max_length"])
     return model.to(device).eval(), tokenizer, transform, max_length, model_cfg
 

@@ -31,8 +31,9 @@ from ..metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .config import VSERunConfig
 from .data import CaptionPairs, caption_collate, read_karpathy, training_splits
 from .losses import hinge_loss, info_nce_loss, similarity_stats
-from .model import VSEModel, build_vse_model, load_vse_export, save_vse_export, train_transform
-from .text_gru import WordVocab
+from ..models import image_transform
+from .model import VSEModel, build_vse_model, load_vse_export, save_vse_export
+from ..vocab import WordVocab
 
 log = logging.getLogger("pretrain.vse")
 
@@ -141,8 +142,8 @@ class VSETrainer:
         self.max_length = m.max_length or (GRU_MAX_LENGTH if vocab is not None else export_max_length)
         model, self.model_cfg = build_vse_model(m, export_model, export_cfg, vocab)
         model.train()
-        self.train_transform = train_transform(model.image, self.model_cfg.image.image_size, d.augment,
-                                               d.crop_scale_min, d.hflip)
+        self.train_transform = image_transform(model.image, self.model_cfg.image.image_size, train=d.augment,
+                                               crop_scale_min=d.crop_scale_min, hflip=d.hflip)
 
         # ---------------------------------------------------------------- training data
         if d.source == "karpathy":

@@ -10,7 +10,7 @@ import torch
 
 from pretrain.caption.config import DecodeConfig, load_caption_config
 from pretrain.caption.model import build_model, load_towers, save_model_dir
-from pretrain.caption.vocab import WordVocab
+from pretrain.vocab import WordVocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,7 +76,7 @@ def model_dir(tmp_path_factory):
         "decoder.att_dim=8", "decoder.dropout=0.0", "decode.max_length=6", "decode.strategy=sample",
         "decode.temperature=3.0"])
     towers_cfg, image, _, _ = load_towers(cfg.encoder, need_text=False)
-    vocab = WordVocab(["a", "red", "blue", "circle", "square", "and", "left", "right", "of", "the"])
+    vocab = WordVocab.from_words(["a", "red", "blue", "circle", "square", "and", "left", "right", "of", "the"])
     model = build_model(cfg, vocab.size, image, None, None).eval()
     root = tmp_path_factory.mktemp("cli")
     save_model_dir(str(root / "m"), model, vocab, cfg, towers_cfg)

@@ -7,7 +7,8 @@ import torch
 
 from pretrain.caption.config import load_caption_config
 from pretrain.caption.data import CaptionDataset, collate, load_karpathy, make_labels, shift, split_units
-from pretrain.caption.vocab import TokenizerVocab, WordVocab, load_vocab
+from pretrain.caption.vocab import TokenizerVocab, load_vocab
+from pretrain.vocab import WordVocab
 from pretrain.config import ConfigError
 
 

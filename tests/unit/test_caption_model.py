@@ -5,9 +5,10 @@ import torch
 
 from pretrain.caption.config import load_caption_config
 from pretrain.caption.decoding import DecodeRules
-from pretrain.caption.model import build_model, eval_transform, load_model_dir, load_towers, save_model_dir
+from pretrain.caption.model import build_model, load_model_dir, load_towers, save_model_dir
+from pretrain.models import image_transform as eval_transform
 from pretrain.caption.visualize import caption_image, save_attention_grid
-from pretrain.caption.vocab import WordVocab
+from pretrain.vocab import WordVocab
 
 
 def tiny_cfg(kind):
@@ -25,7 +26,7 @@ def test_save_and_load_model_dir(kind, tmp_path):
     torch.manual_seed(0)
     cfg = tiny_cfg(kind)
     towers_cfg, image, _, _ = load_towers(cfg.encoder, need_text=False)
-    vocab = WordVocab(["a", "red", "blue", "circle", "square", "and"])
+    vocab = WordVocab.from_words(["a", "red", "blue", "circle", "square", "and"])
     model = build_model(cfg, vocab.size, image, None, None).eval()
     with torch.no_grad():
         model.decoder.classifier.weight.mul_(5.0)
@@ -80,7 +81,7 @@ def test_condition_model_trains_saves_and_loads(tmp_path):
         "decoder.embed_dim=8", "decoder.hidden_dim=16", "decoder.feature_dim=12", "decoder.att_dim=8",
         "decoder.dropout=0.0", "xe.label_smoothing=0.1", "decode.max_length=5"])
     towers_cfg, image, text, tokenizer = load_towers(cfg.encoder, need_text=True)
-    vocab = WordVocab(["what", "colour", "is", "the", "circle", "square", "how", "many"])
+    vocab = WordVocab.from_words(["what", "colour", "is", "the", "circle", "square", "how", "many"])
     model = build_model(cfg, vocab.size, image, text, tokenizer)
     assert model.decoder.cond_dim == 32 and not any(p.requires_grad for p in model.text_tower.parameters())
     rules = DecodeRules.from_vocab(vocab, 5, 1, [])

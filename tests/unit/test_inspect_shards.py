@@ -11,7 +11,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-import _fonts  # noqa: E402
+from pretrain import fonts as _fonts  # noqa: E402
 import inspect_shards  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pretrain.vse.data import CaptionPairs, caption_collate, caption_texts, read_karpathy, training_splits
-from pretrain.vse.text_gru import WordVocab
+from pretrain.vocab import WordVocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

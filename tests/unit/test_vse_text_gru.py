@@ -5,23 +5,8 @@ import torch.nn.functional as F
 
 from pretrain.eval.retrieval import vse_metrics
 from pretrain.vse.losses import hinge_loss
-from pretrain.vse.text_gru import GRUTextEncoder, WordVocab, words_of
-
-
-def test_words_and_vocabulary(tmp_path):
-    assert words_of("A red-circle, 红色圆形! don't") == ["a", "red", "circle", "红", "色", "圆", "形", "don't"]
-    vocab = WordVocab.build(["red circle", "red square", "blue circle", "red", ["Green", "circle"]], min_freq=2)
-    assert vocab.itos == ["<pad>", "<unk>", "circle", "red"]            # by frequency; green/blue/square < 2
-    assert vocab.encode("red blue circle") == [3, 1, 2]
-    out = vocab(["red circle", "blue"], padding="max_length", max_length=4, return_tensors="pt")
-    assert out["input_ids"].tolist() == [[3, 2, 0, 0], [1, 0, 0, 0]]
-    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
-    assert vocab(["red red red"], padding=True, max_length=2)["input_ids"].tolist() == [[3, 3]]
-    vocab.save(str(tmp_path / "v.json"))
-    assert WordVocab.load(str(tmp_path / "v.json")).itos == vocab.itos
-    (tmp_path / "bad.json").write_text('{"words": []}')
-    with pytest.raises(ValueError, match="field 'itos'"):
-        WordVocab.load(str(tmp_path / "bad.json"))
+from pretrain.vocab import WordVocab
+from pretrain.vse.text_gru import GRUTextEncoder
 
 
 @pytest.mark.parametrize("bidirectional,layers,hidden", [(False, 1, 0), (True, 1, 0), (True, 2, 12)])

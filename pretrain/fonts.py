@@ -1,4 +1,5 @@
-"""Find a font that can draw Chinese (used by tools/inspect_shards.py and tools/make_demo_data.py).
+"""Find a font that can draw Chinese: contact sheets (tools/inspect_shards.py, tools/evaluate_retrieval.py),
+demo pictures and caption attention maps.
 
 Order: the WENLAN_CJK_FONT environment variable (a font file), `fc-list :lang=zh`, well-known CJK
 font files (Noto Sans/Serif CJK, Source Han, WenQuanYi, Droid Sans Fallback) in the usual font
@@ -12,10 +13,12 @@ import functools
 import glob
 import os
 import shutil
+import logging
 import subprocess
-import sys
 
 from PIL import ImageFont
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "apt-get install fonts-noto-cjk"
 FONT_DIRS = (
@@ -118,16 +121,15 @@ def find_cjk_font() -> tuple[str, int] | None:
 
 @functools.lru_cache(maxsize=None)
 def load_font(size: int = 14, warn: bool = True):
-    """(font, covers_cjk). Falls back to PIL's default font with a warning on stderr."""
+    """(font, covers_cjk). Falls back to PIL's default font with a warning (logged once per size)."""
     found = find_cjk_font()
     if found is not None:
         font = _open(found[0], size, found[1])
         if font is not None:
             return font, True
     if warn:
-        print(f"warning: no font with Chinese glyphs found: Chinese text will show as boxes. "
-              f"Install one, e.g. `{INSTALL_HINT}` (or set WENLAN_CJK_FONT=/path/to/font.ttc).",
-              file=sys.stderr)
+        log.warning("no font with Chinese glyphs found: Chinese text will show as boxes. Install one, e.g. "
+                    "`%s` (or set WENLAN_CJK_FONT=/path/to/font.ttc).", INSTALL_HINT)
     try:
         return ImageFont.load_default(size=size), False
     except TypeError:  # Pillow < 10.1

@@ -1,0 +1,58 @@
+"""``wenlan.mode=in_batch`` builds no momentum towers and no queues: none in memory, none in checkpoints."""
+import glob
+import os
+
+import torch
+import torch.multiprocessing as mp
+
+from _tiny import SyntheticStream, free_port, set_dist_env, tiny_overrides
+
+
+def worker(rank, world, port, outdir, mode):
+    set_dist_env(rank, world, port)
+    torch.set_num_threads(1)
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    cfg = load_config(None, tiny_overrides(outdir, 2, **{"wenlan.mode": mode, "train.steps": 2}))
+    tr = Trainer(cfg, resume="never", stream=SyntheticStream(rank))
+    tr.fit()
+    import gc
+    n_models = sum(1 for o in gc.get_objects() if type(o).__name__ == "DualEncoder")
+    queues = sum(1 for o in gc.get_objects() if type(o).__name__ == "NegativeQueue")
+    torch.save({"keys": tr.wenlan.keys is None, "dual_encoders": n_models, "queues": queues,
+                "params": sum(p.numel() for p in tr.engine.module.parameters())},
+               os.path.join(outdir, f"probe_{rank}.pt"))
+
+
+def run(tmp_path, mode):
+    out = str(tmp_path / mode)
+    os.makedirs(out)
+    mp.spawn(worker, args=(2, free_port(), out, mode), nprocs=2, join=True)
+    return out, torch.load(os.path.join(out, "probe_0.pt"))
+
+
+def checkpoint_tensor_names(run_dir):
+    names = []
+    for f in glob.glob(os.path.join(run_dir, "checkpoints", "step_*", "*.pt")):
+        def walk(obj, prefix):
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(v, f"{prefix}/{k}")
+            elif torch.is_tensor(obj):
+                names.append(f"{os.path.basename(f)}:{prefix}")
+        walk(torch.load(f, map_location="cpu", weights_only=False), "")
+    return names
+
+
+def test_in_batch_has_no_key_towers_or_queues(tmp_path):
+    out_ib, ib = run(tmp_path, "in_batch")
+    out_m, mo = run(tmp_path, "momentum")
+    assert ib["keys"] and not mo["keys"]
+    assert ib["dual_encoders"] == 1 and mo["dual_encoders"] == 2     # query towers only vs query + momentum
+    assert ib["queues"] == 0 and mo["queues"] == 2
+    assert ib["params"] == mo["params"]                                # the trained model is the same
+    names_ib, names_m = checkpoint_tensor_names(out_ib), checkpoint_tensor_names(out_m)
+    queue_like = lambda names: [n for n in names if "queue" in n or "/keys/key/" in n]
+    assert queue_like(names_m), "the check below would be vacuous: momentum checkpoints hold queues and key towers"
+    assert not queue_like(names_ib), queue_like(names_ib)[:5]
