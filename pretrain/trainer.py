@@ -21,7 +21,8 @@ from . import checkpoint, dist
 from .config import RunConfig, save_config
 from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .models import build_tokenizer, image_transform, momentum_copy
-from .wenlan import WenLanModel, WenLanStep, momentum_at
+from .runtime import adamw
+from .wenlan import WenLanModel, WenLanStep, key_towers_are_query, momentum_at
 
 log = logging.getLogger("pretrain")
 
@@ -160,8 +161,9 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = WenLanModel(cfg.model, cfg.wenlan)
-        key = momentum_copy(model.query) if cfg.wenlan.mode == "momentum" else None  # g starts equal to f
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        momentum_towers = cfg.wenlan.mode == "momentum" and not key_towers_are_query(cfg.wenlan)
+        key = momentum_copy(model.query) if momentum_towers else None  # g starts equal to f
+        optimizer = adamw(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps)
         self.ds_config = derive_deepspeed_config(cfg, self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -224,7 +226,7 @@ class Trainer:
             log.info("run already at step %d of %d: nothing to train", self.step, t.steps)
             return self.last_eval
         self.engine.train()
-        if self.wenlan.keys is not None:
+        if self.wenlan.keys is not None and self.wenlan.keys.key is not None:
             self.wenlan.keys.key.train()
         log.info("training %d steps on %d process(es): micro-batch %d x accumulation %d x %d = %d pairs/step, "
                  "ZeRO-%d, %s, device %s", t.steps - self.step, self.world, t.micro_batch_size, t.grad_accum_steps,
@@ -262,8 +264,11 @@ class Trainer:
                     continue
                 self.bad_in_row = 0
                 micro_done += 1
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in out.items():  # (sum, count) of finite values: a diagnostic may be undefined
+                    v = float(v.detach())   # (no negative yet at step 0)
+                    if math.isfinite(v):
+                        s, c = sums.get(k, (0.0, 0))
+                        sums[k] = (s + v, c + 1)
                 n_sum += 1
             if micro_done == t.grad_accum_steps and not self.wenlan.boundary(self.step, window):
                 self.skipped += 1
@@ -291,9 +296,11 @@ class Trainer:
         read = counts.pop("_read", 0)
         grad_norm = self.engine.get_global_grad_norm()
         keys = sorted(set().union(*dist.all_gather_objects(sorted(sums))))  # a rank that skipped all has none
-        vec = dist.all_reduce(torch.tensor([sums.get(k, 0.0) for k in keys] + [float(n_sum)], dtype=torch.float64))
+        vec = dist.all_reduce(torch.tensor([sums.get(k, (0.0, 0))[i] for k in keys for i in (0, 1)] + [float(n_sum)],
+                                           dtype=torch.float64))
         n_all = float(vec[-1])
-        metrics: Dict[str, Any] = {k: float(v) / n_all for k, v in zip(keys, vec[:-1])} if n_all else {}
+        metrics: Dict[str, Any] = {k: float(vec[2 * j]) / float(vec[2 * j + 1]) for j, k in enumerate(keys)
+                                   if float(vec[2 * j + 1]) > 0}
         if not n_all:
             metrics.update({k: float("nan") for k in ("loss", "loss_i2t", "loss_t2i")})
         groups = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.engine.optimizer.param_groups)}

@@ -230,6 +230,12 @@ def click_weights(clicks: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
     return w / w.mean()
 
 
+def key_towers_are_query(cfg: WenLanConfig) -> bool:
+    """Momentum 0 throughout: g would equal f after every step, so no momentum towers are built and the queues
+    take the detached query embeddings (a cross-batch memory, with no extra forward)."""
+    return cfg.momentum == 0.0 and (cfg.momentum_schedule == "constant" or cfg.momentum_end == 0.0)
+
+
 def momentum_at(step: int, total_steps: int, cfg: WenLanConfig) -> float:
     if cfg.momentum_schedule == "constant":
         return cfg.momentum
@@ -285,7 +291,8 @@ def cpu_has_amx() -> bool:
 
 
 class KeyEncoders:
-    """The momentum encoders g_I, g_T (one frozen fp32 DualEncoder) and the two queues.
+    """The momentum encoders g_I, g_T (one frozen fp32 DualEncoder) and the two queues. ``key`` None (momentum
+    0: the key towers would equal the query towers): queues only, filled with the detached query embeddings.
 
     ``partitioned`` (ZeRO-3): the momentum encoders are partitioned like the query encoders
     (``deepspeed.zero.Init(module=...)``), so each rank holds 1/G of them. The momentum update then
@@ -293,16 +300,16 @@ class KeyEncoders:
     communication (same shapes and world size give the same partitioning); the key forward gathers them.
     """
 
-    def __init__(self, key: DualEncoder, cfg: WenLanConfig, embed_dim: int, device: torch.device,
+    def __init__(self, key: Optional[DualEncoder], cfg: WenLanConfig, embed_dim: int, device: torch.device,
                  partitioned: bool = False):
         self.cfg = cfg
-        self.key = key.to(device)
-        self.partitioned = partitioned
+        self.key = key.to(device) if key is not None else None
+        self.partitioned = partitioned and key is not None
         self.dtype, self.channels_last = key_forward_settings(cfg.key_precision, cfg.key_channels_last, device)
-        if self.channels_last and not partitioned:
+        if self.channels_last and key is not None and not partitioned:
             self.key.image.to(memory_format=torch.channels_last)
         self.device_type = device.type
-        if partitioned:
+        if self.partitioned:
             import deepspeed
             deepspeed.zero.Init(module=self.key, mem_efficient_linear=False, dtype=torch.float32,
                                 config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
@@ -354,14 +361,19 @@ class KeyEncoders:
 
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """Full (unpartitioned) state; collective when partitioned."""
-        with self._gathered():
-            key_state = {k: v.detach().clone() for k, v in self.key.state_dict().items()}
-        return {"key": key_state, "image_queue": self.image_queue.state_dict(),
-                "text_queue": self.text_queue.state_dict()}
+        out = {"image_queue": self.image_queue.state_dict(), "text_queue": self.text_queue.state_dict()}
+        if self.key is not None:
+            with self._gathered():
+                out["key"] = {k: v.detach().clone() for k, v in self.key.state_dict().items()}
+        return out
 
     def load_state_dict(self, state) -> None:
-        with self._gathered(modifier_rank=0):  # every rank loads the same file; rank 0's copy is kept
-            self.key.load_state_dict(state["key"])
+        if self.key is not None:
+            if "key" not in state:
+                raise ValueError("the checkpoint has no momentum towers (it was written with wenlan.momentum=0); "
+                                 "resume it with wenlan.momentum=0")
+            with self._gathered(modifier_rank=0):  # every rank loads the same file; rank 0's copy is kept
+                self.key.load_state_dict(state["key"])
         self.image_queue.load_state_dict(state["image_queue"])
         self.text_queue.load_state_dict(state["text_queue"])
 
@@ -382,8 +394,8 @@ class WenLanStep:
                  device: torch.device, autocast, total_steps: int, zero_stage: int):
         self.engine, self.cfg, self.device, self.autocast = engine, cfg, device, autocast
         self.total_steps, self.zero_stage = total_steps, zero_stage
-        self.keys = (KeyEncoders(key, cfg, embed_dim, device, partitioned=zero_stage == 3)
-                     if cfg.mode == "momentum" else None)
+        self.keys = (KeyEncoders(key if not key_towers_are_query(cfg) else None, cfg, embed_dim, device,
+                                 partitioned=zero_stage == 3) if cfg.mode == "momentum" else None)
 
     def _clock(self) -> float:
         if self.device.type == "cuda":  # kernels are asynchronous: without this, forward time lands in backward
@@ -395,16 +407,20 @@ class WenLanStep:
         """Keys, gather, loss, backward (unless non-finite on any rank), enqueue. Returns the loss outputs or None."""
         images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         qid, iid = batch["query_id"], batch["image_id"]
+        momentum_towers = self.keys is not None and self.keys.key is not None
         t0 = self._clock()
         k_image = k_text = gathered = None
-        if self.keys is not None:
+        if momentum_towers:
             k_image, k_text = self.keys.keys(images, ids, mask)                     # M x D each, no grad
         t1 = self._clock()
-        if self.keys is not None:
+        if momentum_towers:
             gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order
         t2 = self._clock()
         with self.autocast:
             q_image, q_text, tau = self.engine(images, ids, mask)
+        if self.keys is not None and not momentum_towers:  # m = 0: the keys are the query embeddings
+            k_image, k_text = q_image.detach().float(), q_text.detach().float()
+            gathered = gather_keys(k_image, k_text, qid, iid)
         out = wenlan_loss(self.cfg, q_image, q_text, tau, step, k_image, k_text, gathered,
                           self.keys and self.keys.image_queue, self.keys and self.keys.text_queue, qid, iid,
                           batch.get("clicks"), distill_alpha_at(step, self.cfg))
@@ -437,7 +453,7 @@ class WenLanStep:
         timings["optimizer"] = timings.get("optimizer", 0.0) + t1 - t0
         if self.engine.skipped_steps != before:  # DeepSpeed found inf/nan gradients (or fp16 overflow)
             return False
-        if self.keys is not None:
+        if self.keys is not None and self.keys.key is not None:
             self.keys.update(self.engine.module.query, momentum_at(step, self.total_steps, self.cfg),
                              query_partitioned=self.zero_stage == 3)
             timings["momentum"] = timings.get("momentum", 0.0) + self._clock() - t1

@@ -37,6 +37,7 @@ from .decoding import DecodeRules, decode, sequences_to_lists
 from .losses import doubly_stochastic, label_smoothed_nll, scheduled_sampling_prob
 from .metrics import score_many, tokenize
 from ..models import image_transform
+from ..runtime import adamw
 from .model import CaptionModel, build_model, load_towers, save_model_dir
 from .scst import CiderReward, scst_step
 from ..vocab import WordVocab, sentence_tokens
@@ -282,7 +283,7 @@ class CaptionTrainer:
         if enc_params:
             groups.append({"params": enc_params, "lr": enc_lr, "weight_decay": 0.0})
             lambdas.append(schedule(pc.warmup_steps, total, floor, start=enc_from * steps_per_epoch))
-        optimizer = torch.optim.AdamW(groups, lr=pc.lr)
+        optimizer = adamw(groups, lr=pc.lr)
         reward = None
         if phase == "scst":
             reward = CiderReward(self.train_set.encoded)

@@ -32,6 +32,7 @@ from .config import VSERunConfig
 from .data import CaptionPairs, caption_collate, read_karpathy, training_splits
 from .losses import hinge_loss, info_nce_loss, similarity_stats
 from ..models import image_transform
+from ..runtime import adamw
 from .model import VSEModel, build_vse_model, load_vse_export, save_vse_export
 from ..vocab import WordVocab
 
@@ -173,7 +174,7 @@ class VSETrainer:
 
         # ---------------------------------------------------------------- DeepSpeed
         groups = param_groups(model, cfg)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=1e-8)
+        optimizer = adamw(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=1e-8)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=derive_deepspeed_config(cfg, self.world))
         self.epoch = 0

@@ -8,27 +8,29 @@ import torch.multiprocessing as mp
 from _tiny import SyntheticStream, free_port, set_dist_env, tiny_overrides
 
 
-def worker(rank, world, port, outdir, mode):
+def worker(rank, world, port, outdir, mode, momentum=0.9):
     set_dist_env(rank, world, port)
     torch.set_num_threads(1)
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
-    cfg = load_config(None, tiny_overrides(outdir, 2, **{"wenlan.mode": mode, "train.steps": 2}))
+    cfg = load_config(None, tiny_overrides(outdir, 2, **{"wenlan.mode": mode, "train.steps": 2,
+                                                        "wenlan.momentum": momentum}))
     tr = Trainer(cfg, resume="never", stream=SyntheticStream(rank))
     tr.fit()
     import gc
     n_models = sum(1 for o in gc.get_objects() if type(o).__name__ == "DualEncoder")
     queues = sum(1 for o in gc.get_objects() if type(o).__name__ == "NegativeQueue")
     torch.save({"keys": tr.wenlan.keys is None, "dual_encoders": n_models, "queues": queues,
+                "filled": int(tr.wenlan.keys.image_queue.filled) if tr.wenlan.keys is not None else 0,
                 "params": sum(p.numel() for p in tr.engine.module.parameters())},
                os.path.join(outdir, f"probe_{rank}.pt"))
 
 
-def run(tmp_path, mode):
-    out = str(tmp_path / mode)
+def run(tmp_path, mode, momentum=0.9):
+    out = str(tmp_path / f"{mode}_{momentum}")
     os.makedirs(out)
-    mp.spawn(worker, args=(2, free_port(), out, mode), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), out, mode, momentum), nprocs=2, join=True)
     return out, torch.load(os.path.join(out, "probe_0.pt"))
 
 
@@ -56,3 +58,11 @@ def test_in_batch_has_no_key_towers_or_queues(tmp_path):
     queue_like = lambda names: [n for n in names if "queue" in n or "/keys/key/" in n]
     assert queue_like(names_m), "the check below would be vacuous: momentum checkpoints hold queues and key towers"
     assert not queue_like(names_ib), queue_like(names_ib)[:5]
+
+
+def test_momentum_zero_builds_no_key_towers_but_fills_the_queues(tmp_path):
+    out, m0 = run(tmp_path, "momentum", momentum=0.0)
+    assert m0["dual_encoders"] == 1 and m0["queues"] == 2
+    assert m0["filled"] == 2 * 2 * 4                                  # 2 steps x 2 ranks x 4 pairs
+    names = checkpoint_tensor_names(out)
+    assert [n for n in names if "queue" in n] and not [n for n in names if "/keys/key/" in n]
