@@ -104,6 +104,10 @@ class WenLanConfig:
     queue_logit_bias: float = 0.0
     """Added to every queue logit after the division by tau: log(w) makes a queue entry count as w of a negative
     (e.g. -2.3 for w = 0.1); 0: full weight."""
+    queue_center: bool = False
+    """Score each queue entry as q.(Q_j - mean of the filled entries): the towers move fast early in training,
+    and without it they can lower every queue logit at once by moving away from where they were when the keys
+    were written, which crowds the current embeddings together (see the README's queue diagnostics)."""
     distill_alpha: float = 0.0
     """Momentum distillation (ALBEF): the target mixes (1 - alpha) x one-hot with alpha x the momentum towers'
     softmax over the same columns; 0: off."""

@@ -17,7 +17,9 @@ Every loss here is one softmax over columns = [batch block | queue block]:
       is q_I.k_T), whose other columns count only with ``in_batch_negatives``;
   queue block (K columns): momentum keys of earlier steps, no gradient; masked where unfilled, where they
       share the positive's query or image id, before ``queue_start_step``; ``queue_logit_bias`` adds
-      log(w) to every queue logit (a queue entry counts as w of a negative).
+      log(w) to every queue logit (a queue entry counts as w of a negative); ``queue_center`` scores
+      q.(Q_j - mean Q) instead, so that the towers cannot lower every queue logit at once by drifting away
+      from where they were when the keys were written (the keys' common age signal).
 ``distill_alpha`` (ALBEF) mixes the one-hot target with the momentum towers' own softmax over the same
 columns. ``mode: in_batch`` is the OpenCLIP loss alone: no key towers, no queues.
 """
@@ -179,11 +181,16 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         if cfg.queue_logit_bias:
             bias = torch.cat([torch.zeros(batch_cols.shape[0], device=q.device),
                               torch.full((queue.size,), cfg.queue_logit_bias, device=q.device)])
-        cols = torch.cat([batch_cols.to(q.dtype), queue.features.to(q.dtype)])
+        queue_feats = queue.features
+        if cfg.queue_center:  # score q.(Q_j - mean Q): drifting away from the old keys as a whole gains nothing
+            valid = queue.valid()
+            if bool(valid.any()):
+                queue_feats = queue_feats - queue_feats[valid].mean(0, keepdim=True)
+        cols = torch.cat([batch_cols.to(q.dtype), queue_feats.to(q.dtype)])
         targets = None
         if distill_alpha > 0:  # ALBEF: the momentum towers' softmax over the same columns, mixed with one-hot
             with torch.no_grad():
-                t_logits = (k_self.float() @ torch.cat([key_batch_cols, queue.features]).float().t()) / tau.detach()
+                t_logits = (k_self.float() @ torch.cat([key_batch_cols, queue_feats]).float().t()) / tau.detach()
                 if bias is not None:
                     t_logits = t_logits + bias
                 m_ = mask.clone()

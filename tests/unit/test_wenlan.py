@@ -46,11 +46,15 @@ def test_queue_ring_matches_reference(size, batch_sizes):
 
 def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_iids, tau, *, batch_counts,
                   mask_unfilled=True, mask_fn=True, queue_on=True, bias=0.0, key_q=None, key_batch=None, alpha=0.0,
-                  weights=None):
+                  weights=None, center=False):
     """Loop over rows: the positive (column ``pos_col[i]`` of the batch block), then batch negatives (if
     ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q``."""
     q = q.double()
     filled = int(queue.filled)
+    feats = queue.features.double()
+    if center:  # each entry minus the mean of the filled entries
+        mean = sum(feats[j] for j in range(filled)) / filled
+        feats = feats - mean
     losses = []
     for i in range(q.shape[0]):
         cols, kcols = [], []          # (logit, key logit) of the positive, then every kept negative
@@ -71,7 +75,7 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
                 continue
             if mask_fn and (int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])):
                 continue
-            add(queue.features[j], queue.features[j], bias)
+            add(feats[j], feats[j], bias)
         mx = max(cols)
         logp = [c - (mx + math.log(sum(math.exp(x - mx) for x in cols))) for c in cols]
         if alpha > 0:
@@ -106,7 +110,8 @@ def _gathered(ki, kt, qids, iids):
 
 
 @pytest.mark.parametrize("variant", ["moco", "in_batch_negatives", "in_batch_block", "queue_off", "bias",
-                                     "distill", "distill_block", "no_masking", "clicks"])
+                                     "distill", "distill_block", "no_masking", "clicks", "center",
+                                     "center_distill"])
 def test_wenlan_loss_matches_reference(variant):
     qi, qt, ki, kt, qids, iids, iq, tq = _setup()
     tau = 0.1
@@ -123,8 +128,10 @@ def test_wenlan_loss_matches_reference(variant):
         kw.update(mask_unfilled=False, mask_false_negatives=False)
     if variant == "clicks":
         kw["click_weighting"] = "log"
+    if variant.startswith("center"):
+        kw.update(queue_center=True, in_batch_block=True)
     cfg = WenLanConfig(**kw)
-    alpha = 0.4 if variant.startswith("distill") else 0.0
+    alpha = 0.4 if "distill" in variant else 0.0
     clicks = torch.tensor([1.0, 5.0, 0.0, 20.0, 2.0]) if variant == "clicks" else None
     out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
                       gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
@@ -133,7 +140,8 @@ def test_wenlan_loss_matches_reference(variant):
     counts = cfg.in_batch_block or cfg.in_batch_negatives
     w = click_weights(clicks, "log") if clicks is not None else None
     common = dict(batch_counts=counts, mask_unfilled=cfg.mask_unfilled, mask_fn=cfg.mask_false_negatives,
-                  queue_on=variant != "queue_off", bias=cfg.queue_logit_bias, alpha=alpha, weights=w)
+                  queue_on=variant != "queue_off", bias=cfg.queue_logit_bias, alpha=alpha, weights=w,
+                  center=cfg.queue_center)
     pos = torch.arange(5)
     ref = (ref_direction(qi, pos, qt if block else kt, tq, qids, iids, qids, iids, tau, key_q=ki, key_batch=kt,
                          **common)
