@@ -7,6 +7,7 @@ A micro-batch whose loss is not finite on any rank is skipped on every rank and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -329,40 +330,51 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Held-out retrieval over distinct queries and distinct images (both directions), streamed."""
+        """Held-out retrieval over distinct queries and distinct images (both directions), streamed, of the query
+        towers (``eval/``) and, when there are momentum towers, of those too (``eval_momentum/``)."""
         d = self.cfg.data
         if not d.val_shards:
             return {}
+        results = self._evaluate_towers(self.engine.module.query, "eval", contextlib.nullcontext())
+        keys = self.wenlan.keys
+        if keys is not None and keys.key is not None:
+            self._evaluate_towers(keys.key, "eval_momentum", keys._gathered())
+        self.last_eval = results
+        return results
+
+    def _evaluate_towers(self, towers, name: str, gathered) -> Dict[str, float]:
         from .eval.embed import embed_shards
         from .eval.retrieval import build_pairs, pair_retrieval_metrics
 
+        d = self.cfg.data
         t0, cpu0 = time.perf_counter(), time.process_time()
         size, length = self.cfg.model.image.image_size, self.cfg.model.text.max_length
         dummy = {"image": torch.zeros(1, 3, size, size), "input_ids": torch.zeros(1, length, dtype=torch.long),
                  "attention_mask": torch.ones(1, length, dtype=torch.long)}
-        emb = embed_shards(self.engine.module.query, d.val_shards, self.eval_transform, self.tokenizer,
-                           max_length=length, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
-                           world_size=self.world, device=self.device, max_samples=d.val_max_samples,
-                           lockstep=self.cfg.train.zero_stage == 3, autocast=self.autocast, dummy=dummy)
+        with gathered:
+            emb = embed_shards(towers, d.val_shards, self.eval_transform, self.tokenizer, max_length=length,
+                               batch_size=self.cfg.train.micro_batch_size, rank=self.rank, world_size=self.world,
+                               device=self.device, max_samples=d.val_max_samples,
+                               lockstep=self.cfg.train.zero_stage == 3 and towers is self.engine.module.query,
+                               autocast=self.autocast, dummy=dummy)
         results: Dict[str, float] = {}
         if self.rank == 0:
             pq, pi, q_first, i_first, gains = build_pairs(emb.query_id, emb.image_id, emb.clicks)
             results = pair_retrieval_metrics(emb.text[q_first], emb.image[i_first], pq, pi, gains)
             results["eval_seconds"] = time.perf_counter() - t0
             results["eval_cpu_seconds"] = time.process_time() - cpu0  # this process, all its threads
-            self.writer.write(self.step, results, progress=False, prefix="eval/")
-            log.info("eval step %d: %d queries, %d images | t2i R@1 %.3f R@5 %.3f R@10 %.3f | i2t R@1 %.3f R@5 "
-                     "%.3f R@10 %.3f | rsum %.1f | chance t2i R@1 %.4f", self.step,
+            self.writer.write(self.step, results, progress=False, prefix=f"{name}/")
+            log.info("%s step %d: %d queries, %d images | t2i R@1 %.3f R@5 %.3f R@10 %.3f | i2t R@1 %.3f R@5 "
+                     "%.3f R@10 %.3f | rsum %.1f | chance t2i R@1 %.4f", name, self.step,
                      results.get("t2i_num_queries", 0), results.get("t2i_gallery_size", 0),
                      results.get("t2i_hit@1", float("nan")), results.get("t2i_hit@5", float("nan")),
                      results.get("t2i_hit@10", float("nan")), results.get("i2t_hit@1", float("nan")),
                      results.get("i2t_hit@5", float("nan")), results.get("i2t_hit@10", float("nan")),
                      results.get("rsum", float("nan")), results.get("t2i_chance_hit@1", float("nan")))
-            os.makedirs(os.path.join(self.cfg.train.output_dir, "eval"), exist_ok=True)
-            with open(os.path.join(self.cfg.train.output_dir, "eval", f"step_{self.step:08d}.json"), "w") as f:
+            os.makedirs(os.path.join(self.cfg.train.output_dir, name), exist_ok=True)
+            with open(os.path.join(self.cfg.train.output_dir, name, f"step_{self.step:08d}.json"), "w") as f:
                 json.dump({"step": self.step, **results}, f, indent=1)
-        self.last_eval = dist.broadcast_object(results)
-        return self.last_eval
+        return dist.broadcast_object(results)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:

@@ -73,14 +73,22 @@ def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> D
         raise RuntimeError(f"setting {name} seed {seed}: no evaluation written; is data.val_shards set?")
     with open(evals[-1]) as f:
         ev = json.load(f)
+    mom = sorted(glob.glob(os.path.join(run_dir, "eval_momentum", "step_*.json")))
+    ev_m = {}
+    if mom:
+        with open(mom[-1]) as f:
+            ev_m = json.load(f)
     samples = 0
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
             samples = max(samples, int(rec.get("samples", 0) or 0))
     cpu = usage.ru_utime + usage.ru_stime
-    res = {"setting": name, "seed": seed, "overrides": overrides, "wall_s": wall - ev.get("eval_seconds", 0.0),
-           "cpu_s": cpu - ev.get("eval_cpu_seconds", 0.0), "run_cpu_s": cpu, "samples": samples, "step": ev.get("step"),
+    eval_wall = ev.get("eval_seconds", 0.0) + ev_m.get("eval_seconds", 0.0)
+    eval_cpu = ev.get("eval_cpu_seconds", 0.0) + ev_m.get("eval_cpu_seconds", 0.0)
+    res = {"setting": name, "seed": seed, "overrides": overrides, "wall_s": wall - eval_wall,
+           "cpu_s": cpu - eval_cpu, "run_cpu_s": cpu, "samples": samples,
+           "momentum_towers": {k: ev_m.get(k) for k in METRICS} if ev_m else None, "step": ev.get("step"),
            "eval_images": ev.get("t2i_gallery_size"), "eval_queries": ev.get("t2i_num_queries"),
            **{k: ev.get(k) for k in METRICS}}
     with open(done, "w") as f:
@@ -96,20 +104,22 @@ def summarise(results: List[Dict[str, Any]], names: List[str]) -> List[str]:
     head = (f"{'setting':<22}{'seeds':>6}{'rsum':>14}{'t2i R@1':>14}{'t2i R@10':>14}{'i2t R@1':>14}"
             f"{'samples':>9}{'wall s':>9}{'CPU s':>9}")
     lines = [head, "-" * len(head)]
-    base = None
+    rows = []
     for name in names:
         rs = [r for r in results if r["setting"] == name]
-        if not rs:
-            continue
-        mean_rsum = statistics.mean(r["rsum"] for r in rs)
-        base = base if base is not None else mean_rsum
-        lines.append(f"{name:<22}{len(rs):>6}{cell([r['rsum'] for r in rs], '.1f'):>14}"
-                     f"{cell([r['t2i_hit@1'] for r in rs], '.3f'):>14}{cell([r['t2i_hit@10'] for r in rs], '.3f'):>14}"
-                     f"{cell([r['i2t_hit@1'] for r in rs], '.3f'):>14}{rs[0]['samples']:>9}"
+        if rs:
+            rows.append((name, rs, [r for r in rs]))
+            if all(r.get("momentum_towers") for r in rs):   # the momentum towers evaluated too
+                rows.append((name + " [g]", rs, [dict(r, **r["momentum_towers"]) for r in rs]))
+    for name, rs, ms in rows:
+        lines.append(f"{name:<22}{len(rs):>6}{cell([r['rsum'] for r in ms], '.1f'):>14}"
+                     f"{cell([r['t2i_hit@1'] for r in ms], '.3f'):>14}{cell([r['t2i_hit@10'] for r in ms], '.3f'):>14}"
+                     f"{cell([r['i2t_hit@1'] for r in ms], '.3f'):>14}{rs[0]['samples']:>9}"
                      f"{statistics.mean(r['wall_s'] for r in rs):>9.0f}{statistics.mean(r['cpu_s'] for r in rs):>9.0f}")
     first = results[0] if results else {}
     lines.append(f"mean ± half-range over seeds; held-out: {first.get('eval_queries')} captions x "
-                 f"{first.get('eval_images')} images; rsum = sum of R@1/5/10 both directions, in percent")
+                 f"{first.get('eval_images')} images; rsum = sum of R@1/5/10 both directions, in percent; "
+                 f"[g]: the same runs' momentum towers")
     return lines
 
 
