@@ -173,14 +173,15 @@ class DualEncoder(nn.Module):
         return self.image(images), self.text(input_ids, attention_mask)
 
 
-def image_transform(image_tower: "ImageTower", image_size: int, train: bool = False, crop_scale_min: float = 1.0,
+def image_transform(image_tower: nn.Module, image_size: int, train: bool = False, crop_scale_min: float = 1.0,
                     hflip: float = 0.0, color_jitter: float = 0.0):
     """The one timm transform of the project, normalised with the backbone's statistics. Evaluation (and
     ``train`` without augmentation): resize to ``image_size``, no crop. Training: random-resized crop of
-    area ``[crop_scale_min, 1]``, flip with probability ``hflip``, optional colour jitter."""
+    area ``[crop_scale_min, 1]``, flip with probability ``hflip``, optional colour jitter. ``image_tower``: an
+    ``ImageTower`` or a bare timm backbone."""
     from timm.data import create_transform, resolve_data_config
 
-    dc = resolve_data_config({}, model=image_tower.backbone)
+    dc = resolve_data_config({}, model=getattr(image_tower, "backbone", image_tower))
     common = dict(mean=dc["mean"], std=dc["std"], interpolation="bicubic")
     if not train:
         return create_transform(image_size, is_training=False, crop_pct=1.0, **common)
