@@ -108,6 +108,10 @@ class WenLanConfig:
     """Score each queue entry as q.(Q_j - mean of the filled entries): the towers move fast early in training,
     and without it they can lower every queue logit at once by moving away from where they were when the keys
     were written, which crowds the current embeddings together (see the README's queue diagnostics)."""
+    queue_recenter: bool = False
+    """Score each queue entry as Q_j - mean Q + mean of the current global batch's keys: the queue keeps its
+    spread (hard negatives stay hard) but its centre follows the towers, so moving away from where the towers
+    were when the keys were written gains nothing (see the README's queue diagnostics)."""
     distill_alpha: float = 0.0
     """Momentum distillation (ALBEF): the target mixes (1 - alpha) x one-hot with alpha x the momentum towers'
     softmax over the same columns; 0: off."""

@@ -186,6 +186,11 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
             valid = queue.valid()
             if bool(valid.any()):
                 queue_feats = queue_feats - queue_feats[valid].mean(0, keepdim=True)
+        elif cfg.queue_recenter:  # Q_j - mean Q + mean of this step's keys: the queue's centre follows the towers
+            valid = queue.valid()
+            if bool(valid.any()):
+                shift = key_batch_cols.detach().float().mean(0) - queue_feats[valid].float().mean(0)
+                queue_feats = queue_feats + shift.to(queue_feats.dtype).unsqueeze(0)
         cols = torch.cat([batch_cols.to(q.dtype), queue_feats.to(q.dtype)])
         targets = None
         if distill_alpha > 0:  # ALBEF: the momentum towers' softmax over the same columns, mixed with one-hot

@@ -46,7 +46,7 @@ def test_queue_ring_matches_reference(size, batch_sizes):
 
 def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_iids, tau, *, batch_counts,
                   mask_unfilled=True, mask_fn=True, queue_on=True, bias=0.0, key_q=None, key_batch=None, alpha=0.0,
-                  weights=None, center=False):
+                  weights=None, center=False, recenter=False):
     """Loop over rows: the positive (column ``pos_col[i]`` of the batch block), then batch negatives (if
     ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q``."""
     q = q.double()
@@ -55,6 +55,10 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
     if center:  # each entry minus the mean of the filled entries
         mean = sum(feats[j] for j in range(filled)) / filled
         feats = feats - mean
+    if recenter:  # the queue's mean moved onto the mean of this step's keys (key_batch)
+        mean = sum(feats[j] for j in range(filled)) / filled
+        kmean = sum(key_batch[j].double() for j in range(key_batch.shape[0])) / key_batch.shape[0]
+        feats = feats - mean + kmean
     losses = []
     for i in range(q.shape[0]):
         cols, kcols = [], []          # (logit, key logit) of the positive, then every kept negative
@@ -111,7 +115,7 @@ def _gathered(ki, kt, qids, iids):
 
 @pytest.mark.parametrize("variant", ["moco", "in_batch_negatives", "in_batch_block", "queue_off", "bias",
                                      "distill", "distill_block", "no_masking", "clicks", "center",
-                                     "center_distill"])
+                                     "center_distill", "recenter", "recenter_moco"])
 def test_wenlan_loss_matches_reference(variant):
     qi, qt, ki, kt, qids, iids, iq, tq = _setup()
     tau = 0.1
@@ -130,6 +134,8 @@ def test_wenlan_loss_matches_reference(variant):
         kw["click_weighting"] = "log"
     if variant.startswith("center"):
         kw.update(queue_center=True, in_batch_block=True)
+    if variant.startswith("recenter"):
+        kw.update(queue_recenter=True, in_batch_block=variant == "recenter")
     cfg = WenLanConfig(**kw)
     alpha = 0.4 if "distill" in variant else 0.0
     clicks = torch.tensor([1.0, 5.0, 0.0, 20.0, 2.0]) if variant == "clicks" else None
@@ -141,7 +147,7 @@ def test_wenlan_loss_matches_reference(variant):
     w = click_weights(clicks, "log") if clicks is not None else None
     common = dict(batch_counts=counts, mask_unfilled=cfg.mask_unfilled, mask_fn=cfg.mask_false_negatives,
                   queue_on=variant != "queue_off", bias=cfg.queue_logit_bias, alpha=alpha, weights=w,
-                  center=cfg.queue_center)
+                  center=cfg.queue_center, recenter=cfg.queue_recenter)
     pos = torch.arange(5)
     ref = (ref_direction(qi, pos, qt if block else kt, tq, qids, iids, qids, iids, tau, key_q=ki, key_batch=kt,
                          **common)
