@@ -198,24 +198,3 @@ def load_vse_export(export_dir: str, device: str = "cpu"):
         transform = image_transform(image, model_cfg.image.image_size)
         max_length = int(meta["max_length"])
     return model.to(device).eval(), tokenizer, transform, max_length, model_cfg
-
-
-def tiny_model_config(image_name: str = "test_resnet", image_size: int = 32, embed_dim: int = 16) -> ModelConfig:
-    """A small randomly initialised architecture (tests, demos): timm's ``test_resnet``, a 1-layer MiniLM."""
-    from ..config import ImageTowerConfig, TextTowerConfig
-
-    return ModelConfig(
-        image=ImageTowerConfig(name=image_name, image_size=image_size),
-        text=TextTowerConfig(name_or_path="minilm", pretrained=False, max_length=16, config_overrides=dict(
-            num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)),
-        embed_dim=embed_dim, projection_hidden=32)
-
-
-def export_random_model(model_cfg: ModelConfig, out_dir: str, seed: int = 0) -> str:
-    """An export of an untrained DualEncoder built from ``model_cfg`` (tests: no pretraining run needed)."""
-    from ..models import DualEncoder
-
-    torch.manual_seed(seed)
-    towers = DualEncoder(model_cfg)
-    return export_model(towers, model_cfg, build_tokenizer(model_cfg.text), out_dir,
-                        provenance={"source": "export_random_model", "seed": seed})

@@ -27,8 +27,8 @@ def _run(script, *args):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from pretrain.vse.model import export_random_model, tiny_model_config
+def demo(tmp_path_factory, random_export):
+    import shutil
 
     root = tmp_path_factory.mktemp("vse")
     r = _run("tools/make_demo_data.py", "--out", str(root / "demo"), "--images-per-concept", "3", "--no-progress")
@@ -36,7 +36,7 @@ def demo(tmp_path_factory):
     r = _run("tools/make_vse_demo.py", "--demo", str(root / "demo"), "--out", str(root / "vse"), "--val", "16",
              "--test", "16")
     assert r.returncode == 0, r.stderr[-2000:]
-    export_random_model(tiny_model_config(), str(root / "export"))
+    shutil.copytree(random_export, root / "export")
     return root
 
 

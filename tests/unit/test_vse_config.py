@@ -50,13 +50,13 @@ def test_learning_rates_freeze_decay_and_warmup():
     assert f("text_backbone") == pytest.approx(0.01)
 
 
-def test_param_groups_by_role():
+def test_param_groups_by_role(tiny_cfg):
     import torch
 
     from pretrain.models import DualEncoder
-    from pretrain.vse.model import VSEModel, tiny_model_config
+    from pretrain.vse.model import VSEModel
 
-    towers = DualEncoder(tiny_model_config())
+    towers = DualEncoder(tiny_cfg)
     model = VSEModel(towers.image, towers.text)
     cfg = load_vse_config(os.path.join(CONFIGS, "vse_coco.yaml"), ["model.export=x", "optim.text_lr_factor=0"])
     groups = {g["name"]: g for g in param_groups(model, cfg)}

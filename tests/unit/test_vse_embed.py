@@ -45,7 +45,7 @@ def embed_all(root, rank, world):
     from pretrain.models import DualEncoder, build_tokenizer
     from pretrain.vse.data import read_karpathy
     from pretrain.models import image_transform as eval_transform
-    from pretrain.vse.model import tiny_model_config
+    from conftest import tiny_model_config
 
     torch.manual_seed(0)
     cfg = tiny_model_config()
