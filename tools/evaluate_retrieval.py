@@ -54,14 +54,10 @@ def read_shard_samples(keys: Set[str]) -> Dict[str, Dict[str, bytes]]:
 
 
 def _image_from_members(members: Dict[str, bytes]):
-    import io
+    from pretrain.data.samples import IMAGE_EXTS, decode_image
 
-    from PIL import Image
-
-    for ext in ("jpg", "jpeg", "png", "webp"):
-        if ext in members:
-            return Image.open(io.BytesIO(members[ext])).convert("RGB")
-    return None
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    return decode_image(members[ext]) if ext else None
 
 
 def draw_grid(rows: Sequence[Tuple[str, List[Tuple[object, bool, float]]]], path: str) -> bool:

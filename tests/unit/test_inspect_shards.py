@@ -118,3 +118,20 @@ def test_font_without_cjk_is_detected():
     except TypeError:
         pytest.skip("Pillow too old for a sized default font")
     assert not _fonts.covers_cjk(latin)
+
+
+def test_dump_prints_what_the_trainer_sees(shards, capsys):
+    assert inspect_shards.main([str(shards / "shard-000001.tar"), "--dump", "3", "--warn-only", "--quiet"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "#0000000" in ln]
+    assert len(lines) == 3
+    assert "#000000010  query_id=" in lines[0] and "40x30" in lines[0] and "'fine'" in lines[0]
+    assert lines[1].endswith("#000000011  SKIP bad_image")
+    assert lines[2].endswith("#000000012  SKIP invalid_text")
+    # --json: JSON Lines, the dumped samples then the summary; ids as the loader computes them
+    assert inspect_shards.main([str(shards / "shard-000000.tar"), "--dump", "2", "--json"]) == 0
+    objs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [o.get("key") for o in objs[:2]] == ["000000000", "000000001"] and "summary" in objs[2]
+    from pretrain.data.ids import query_hash
+
+    assert objs[1]["query"] == "红色圆形" and objs[1]["query_id"] == query_hash("红色圆形")
+    assert objs[2]["summary"]["samples"] == 5 and objs[2]["summary"]["problems"] == {}
