@@ -13,7 +13,6 @@ samples between, ``split_sample``), and a count that disagrees with ``sizes.json
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

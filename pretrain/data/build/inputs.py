@@ -98,12 +98,6 @@ def parse_id(value):
     return s
 
 
-def _json_scalar(value):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def _looks_like_base64_image(s: str) -> bool:
     if len(s) < 64 or not _B64_RE.fullmatch(s[:4096] if len(s) > 4096 else s):
         return False
