@@ -374,7 +374,7 @@ def test_library_call_without_argparse(tmp_path):
         build(BuildOptions(inputs=opts.inputs, out=str(tmp_path / "x"), val_fraction=1.5))
 
 
-def test_builder_does_not_import_torch():
-    code = "import pretrain.data.build, sys; assert 'torch' not in sys.modules, 'torch imported'"
+def test_builder_and_inspector_do_not_import_torch():
+    code = "import pretrain.data.build, pretrain.data.inspection, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
