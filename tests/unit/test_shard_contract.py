@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.data import iter_eval_batches
+from pretrain.data import ShardStream, iter_eval_batches
 from pretrain.data.build import BuildOptions, build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -140,6 +140,12 @@ def test_builder_and_img2dataset_folder_give_the_same_ids(tmp_path, capsys):
     # the loader: the same ids, sample by sample, for both sources and for the two joined
     for spec, views in ((str(built / "train"), views_built), (str(folder), views_folder)):
         assert _loader(spec) == {f"{v['shard']}#{v['key']}": (v["query_id"], v["image_id"]) for v in views}
+        # the training stream too (shards drawn with replacement: every sample it gives has the same ids)
+        stream = ShardStream(spec, batch_size=len(QUERIES), image_transform=_to_tensor, tokenizer=_tokenize,
+                             max_length=4, shuffle_buffer=0)
+        b = next(iter(stream))
+        seen = dict(zip(b["key"], zip(b["query_id"].tolist(), b["image_id"].tolist())))
+        assert seen and all(_loader(spec)[k] == v for k, v in seen.items())
     both = _loader(f"{built / 'train'}::{folder}")
     assert sorted(both.values()) == sorted(list(expected.values()) * 2)  # mixed sources: one id per query, image
 
