@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import fsspec
@@ -68,6 +69,7 @@ def _dump_line(view: dict) -> str:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    logging.getLogger("pretrain.data").setLevel(logging.ERROR)  # read errors are counted and shown below
     try:
         shards = expand_shards(args.shards, args.allow_pipe)
     except (FileNotFoundError, ValueError) as e:
