@@ -69,7 +69,16 @@ def _dump_line(view: dict) -> str:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    logging.getLogger("pretrain.data").setLevel(logging.ERROR)  # read errors are counted and shown below
+    logger = logging.getLogger("pretrain.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # read errors are counted and shown in the report, not logged too
+    try:
+        return run(args)
+    finally:
+        logger.setLevel(level)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         shards = expand_shards(args.shards, args.allow_pipe)
     except (FileNotFoundError, ValueError) as e:
