@@ -54,14 +54,10 @@ def read_shard_samples(keys: Set[str]) -> Dict[str, Dict[str, bytes]]:
 
 
 def _image_from_members(members: Dict[str, bytes]):
-    import io
+    from pretrain.data.samples import IMAGE_EXTS, decode_image
 
-    from PIL import Image
-
-    for ext in ("jpg", "jpeg", "png", "webp"):
-        if ext in members:
-            return Image.open(io.BytesIO(members[ext])).convert("RGB")
-    return None
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    return decode_image(members[ext]) if ext else None
 
 
 def draw_grid(rows: Sequence[Tuple[str, List[Tuple[object, bool, float]]]], path: str) -> bool:
@@ -130,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pretrain.eval.embed import embed_karpathy, embed_shards
     from pretrain.eval.retrieval import build_pairs, coco_1k_5fold, pair_retrieval_metrics, topk_chunked, vse_metrics
     from pretrain.metrics import setup_logging
-    from pretrain.vse.data import read_karpathy
+    from pretrain.data.karpathy import read_karpathy
     from pretrain.vse.model import load_vse_export
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -192,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         k = min(5, gallery.shape[0])
         scores, top = topk_chunked(queries[picks], gallery, k)
         if args.karpathy_json:
-            from pretrain.vse.data import load_rgb
+            from pretrain.data.karpathy import load_rgb
 
             def image_of(g: int):
                 return load_rgb(images[g].path)

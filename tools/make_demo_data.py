@@ -37,8 +37,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import build_shards  # noqa: E402
+from pretrain.data.build import BuildError, BuildOptions, build, format_summary
 
 # (English, Chinese, Chinese one-character form, RGB)
 COLOURS = [
@@ -248,18 +247,18 @@ def main(argv=None) -> int:
     print(f"[make_demo_data] wrote {log}: {planted['rows']} rows, {planted['images']} concept images "
           f"({len(COLOURS)} colours x {len(SHAPES)} shapes), {t_gen:.1f} s")
     shards = os.path.join(args.out, "shards")
-    build_argv = [log, "--out", shards, "--val-fraction", str(args.val_fraction),
-                  "--shard-size", str(args.shard_size), "--seed", str(args.seed), "--workers", str(args.workers)]
-    if args.overwrite:
-        build_argv.append("--overwrite")
-    if args.no_progress:
-        build_argv.append("--no-progress")
-    rc = build_shards.main(build_argv)
-    if rc != 0:
-        print(f"error: building the shards failed (exit {rc})", file=sys.stderr)
-        return rc
-    with open(os.path.join(shards, "report.json"), encoding="utf-8") as f:
-        report = json.load(f)
+    options = BuildOptions(inputs=[log], out=shards, val_fraction=args.val_fraction, shard_size=args.shard_size,
+                           seed=args.seed, workers=args.workers, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    try:
+        report = build(options)
+    except BuildError as e:
+        print(f"error: building the shards failed: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(report))
+    if report["run"]["shards_failed"]:
+        print("error: building the shards failed (see report.json); run again to retry", file=sys.stderr)
+        return 1
     for split in ("train", "val"):
         w = report["written"].get(split)
         if w:

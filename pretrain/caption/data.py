@@ -1,9 +1,4 @@
-"""Karpathy-split captioning data.
-
-The JSON (Karpathy's ``dataset_coco.json``, ``dataset_flickr8k.json``, ``dataset_flickr30k.json``)::
-
-    {"images": [{"filename": "x.jpg", "filepath": "val2014", "split": "train|val|test|restval", "imgid": 0,
-                 "sentences": [{"raw": "A man ...", "tokens": ["a", "man", ...]}, ...]}, ...]}
+"""Karpathy-split captioning data (the JSON is read by ``pretrain.data.karpathy``, its format is described there).
 
 A *unit* is what one caption is generated for: an image, or an (image, condition) pair when
 ``data.condition_field`` names a per-sentence condition (IVQA: the answer; the sentences are the questions).
@@ -11,16 +6,16 @@ Its references are the sentences of that image (with that condition).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
+
+from ..data.karpathy import check_image_files, load_rgb, read_karpathy
 
 log = logging.getLogger(__name__)
 
@@ -37,69 +32,26 @@ class CaptionUnit:
     condition: Optional[str] = None
 
 
-def image_key(img: Dict[str, Any], index: int) -> str:
-    for k in ("cocoid", "imgid", "id"):
-        if k in img:
-            return str(img[k])
-    return str(index)
-
-
 def load_karpathy(json_path: str, images_root: str, splits: Sequence[str],
                   condition_field: str = "", check_files: bool = True) -> List[CaptionUnit]:
-    """Units of the given splits, in file order.
-
-    Raises ValueError naming the entry (``images[i]``) for a missing or malformed ``filename``/``filepath``
-    field and, with ``check_files``, FileNotFoundError when image files are missing (``check_image_files``)."""
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path}: not a Karpathy-split JSON (no 'images' list)")
+    """Units of the given splits, in file order, from ``pretrain.data.karpathy.read_karpathy`` (every caption;
+    its errors: ValueError naming the entry and field, FileNotFoundError for missing image files)."""
     units: List[CaptionUnit] = []
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            raise ValueError(f"{json_path}: images[{i}] must be an object, got {type(img).__name__}")
-        if img.get("split") not in splits:
-            continue
-        filename, filepath = img.get("filename"), img.get("filepath", "")
-        if filename is None:
-            raise ValueError(f"{json_path}: images[{i}] (split '{img['split']}') has no field 'filename'")
-        if not isinstance(filename, str) or not filename:
-            raise ValueError(f"{json_path}: field 'filename' of images[{i}] must be a non-empty string, "
-                             f"got {filename!r}")
-        if not isinstance(filepath, str):
-            raise ValueError(f"{json_path}: field 'filepath' of images[{i}] must be a string, got {filepath!r}")
-        path = os.path.join(images_root, filepath, filename)
-        sents = img.get("sentences", [])
-        groups: "OrderedDict[Optional[str], List[Dict[str, Any]]]" = OrderedDict()
-        for s in sents:
+    for im in read_karpathy(json_path, images_root, splits, captions_per_image=0, check_files=check_files):
+        groups: "OrderedDict[Optional[str], List[Tuple[Dict[str, Any], str]]]" = OrderedDict()
+        for sent, raw in zip(im.sentences, im.captions):
             cond = None
             if condition_field:
-                if condition_field not in s:
-                    raise ValueError(f"{json_path}: image {img['filename']} has a sentence without the condition "
+                if condition_field not in sent:
+                    raise ValueError(f"{json_path}: image {im.relpath} has a sentence without the condition "
                                      f"field '{condition_field}' (data.condition_field)")
-                cond = str(s[condition_field])
-            groups.setdefault(cond, []).append(s)
+                cond = str(sent[condition_field])
+            groups.setdefault(cond, []).append((sent, raw))
         for cond, group in groups.items():
-            key = image_key(img, i) if cond is None else f"{image_key(img, i)}|{cond}"
-            units.append(CaptionUnit(key=key, image_path=path, refs_raw=[s.get("raw", " ".join(s.get("tokens", [])))
-                                                                          for s in group],
-                                     sentences=group, condition=cond))
-    if check_files:
-        check_image_files(units, json_path, images_root, sorted(set(splits)))
+            units.append(CaptionUnit(key=im.key if cond is None else f"{im.key}|{cond}", image_path=im.path,
+                                     refs_raw=[raw for _, raw in group], sentences=[s for s, _ in group],
+                                     condition=cond))
     return units
-
-
-def check_image_files(units: Sequence[CaptionUnit], json_path: str, images_root: str, splits: Sequence[str],
-                      examples: int = 3) -> None:
-    """FileNotFoundError listing how many of the units' images are missing, the first few paths and the images
-    root, so that a wrong ``data.images_root`` fails before training rather than in the first batch."""
-    paths = list(OrderedDict.fromkeys(u.image_path for u in units))  # an image of several units counts once
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        shown = ", ".join(missing[:examples]) + (", ..." if len(missing) > examples else "")
-        raise FileNotFoundError(
-            f"{json_path}: {len(missing)} of {len(paths)} image files of split(s) {list(splits)} are missing under "
-            f"images_root '{images_root}' (data.images_root; paths are images_root/filepath/filename), e.g. {shown}")
 
 
 def split_units(json_path: str, images_root: str, condition_field: str = "",
@@ -114,7 +66,7 @@ def split_units(json_path: str, images_root: str, condition_field: str = "",
         if not units:
             raise ValueError(f"{json_path}: the '{name}' split is empty")
     if check_files:
-        check_image_files([u for units in out.values() for u in units], json_path, images_root,
+        check_image_files([u.image_path for units in out.values() for u in units], json_path, images_root,
                           [*train_splits, "val", "test"])
     return out
 
@@ -149,9 +101,7 @@ class CaptionDataset(Dataset):
     def image(self, i: int) -> torch.Tensor:
         if self.cache is not None and i in self.cache:
             return self.cache[i]
-        from PIL import Image
-        with Image.open(self.units[i].image_path) as im:
-            x = self.transform(im.convert("RGB"))
+        x = self.transform(load_rgb(self.units[i].image_path))
         if self.cache is not None:
             self.cache[i] = x
         return x

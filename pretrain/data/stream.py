@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .samples import SKIP_REASONS, Record, check_sample, decode_image, iter_samples, sample_fields
-from .urls import expand_urls, open_shard
+from .samples import IMAGE_EXTS, MAX_PIXELS, SKIP_REASONS, TEXT_EXT, Record, decode_image, read_shard, sample_fields
+from .urls import expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +85,10 @@ class _Reader:
         self.text_ext = text_ext.lower().lstrip(".")
 
     def read_shard(self, url: str) -> Iterator[Tuple[Optional[Record], Optional[str]]]:
-        """Every sample of one shard as ``(record, None)`` or ``(None, skip reason)``; a shard that cannot be
-        opened or read to its end ends with ``(None, "shard_error")`` (a sample cut by it is not yielded)."""
-        try:
-            stream = open_shard(url, self.allow_pipe)
-        except Exception as e:  # noqa: BLE001 - fsspec backends raise many kinds (OSError, aiohttp, botocore)
-            log.warning("cannot open shard %s: %s: %s", url, type(e).__name__, e)
-            yield None, "shard_error"
-            return
-        with closing(stream):
-            samples = iter_samples(stream)
-            while True:
-                try:
-                    key, members = next(samples)
-                except StopIteration:
-                    return
-                except Exception as e:  # noqa: BLE001 - truncation, corruption, network errors
-                    log.warning("shard %s: read error, rest of the shard skipped: %s: %s", url, type(e).__name__, e)
-                    yield None, "shard_error"
-                    return
-                yield check_sample(url, key, members, self.image_exts, self.text_ext, self.max_pixels)
+        """Every sample of one shard as ``(record, None)`` or ``(None, skip reason)`` (``samples.read_shard``)."""
+        for item in read_shard(url, allow_pipe=self.allow_pipe, image_exts=self.image_exts, text_ext=self.text_ext,
+                               max_pixels=self.max_pixels):
+            yield item.record, item.reason
 
     def make_batch(self, recs: List[Record], counts: Dict[str, int], aug_seed: Optional[int],
                    fill_failed: bool) -> Tuple[Optional[Dict[str, Any]], List[int]]:
@@ -243,8 +227,8 @@ class ShardStream:
 
     def __init__(self, urls: str, *, batch_size: int, image_transform: Callable[[Any], torch.Tensor], tokenizer: Any,
                  max_length: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 1000, allow_pipe: bool = False, max_pixels: int = 89_478_485,
-                 image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"), text_ext: str = "txt",
+                 shuffle_buffer: int = 1000, allow_pipe: bool = False, max_pixels: int = MAX_PIXELS,
+                 image_exts: Sequence[str] = IMAGE_EXTS, text_ext: str = TEXT_EXT,
                  max_bad_fraction: float = 0.1, decode_size: Optional[int] = None, epoch: int = 0,
                  prefetch_factor: int = 4, bad_check_after: int = 1000,
                  multiprocessing_context: Optional[str] = None):
@@ -344,8 +328,8 @@ class ShardStream:
 
 def iter_eval_batches(urls: str, *, batch_size: int, image_transform: Callable[[Any], torch.Tensor], tokenizer: Any,
                       max_length: int, rank: int = 0, world_size: int = 1, max_samples: Optional[int] = None,
-                      allow_pipe: bool = False, max_pixels: int = 89_478_485,
-                      image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"), text_ext: str = "txt",
+                      allow_pipe: bool = False, max_pixels: int = MAX_PIXELS,
+                      image_exts: Sequence[str] = IMAGE_EXTS, text_ext: str = TEXT_EXT,
                       decode_size: Optional[int] = None,
                       counts: Optional[Dict[str, int]] = None) -> Iterator[Dict[str, Any]]:
     """Every shard once (sorted, duplicates removed), in order, no shuffle; this rank's share of the samples.

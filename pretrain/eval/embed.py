@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import dist
-from ..vse.data import ImageFiles, KarpathyImage, caption_texts
+from ..data.karpathy import ImageFiles, KarpathyImage, caption_texts
 
 log = logging.getLogger(__name__)
 

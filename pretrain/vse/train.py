@@ -29,7 +29,8 @@ from ..eval.embed import embed_karpathy, embed_shards
 from ..eval.retrieval import build_pairs, coco_1k_5fold, pair_retrieval_metrics, vse_metrics
 from ..metrics import MetricsWriter, set_aside_old_metrics, setup_logging
 from .config import VSERunConfig
-from .data import CaptionPairs, caption_collate, read_karpathy, training_splits
+from ..data.karpathy import read_karpathy, training_splits
+from .data import CaptionPairs, caption_collate
 from .losses import hinge_loss, info_nce_loss, similarity_stats
 from ..models import image_transform
 from ..runtime import adamw

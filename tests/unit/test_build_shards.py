@@ -1,5 +1,7 @@
-"""tools/build_shards.py: click logs (TSV, CSV, JSONL, Parquet) -> WebDataset shards, report, resume."""
+"""pretrain.data.build and its CLI tools/build_shards.py: click logs (TSV, CSV, JSONL, Parquet) -> WebDataset
+shards, report, resume."""
 import base64
+import importlib.util
 import csv
 import io
 import json
@@ -11,9 +13,21 @@ import tarfile
 import pytest
 from PIL import Image
 
+from pretrain.data import ids
+from pretrain.data.build import BAD_REASONS, FILTER_REASONS, BuildOptions, build, images, inputs, plan
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import build_shards as bs  # noqa: E402
+
+
+def _load_cli():
+    """tools/build_shards.py by its path (tools/ is not a package; nothing is added to sys.path)."""
+    spec = importlib.util.spec_from_file_location("_tool_build_shards", os.path.join(ROOT, "tools", "build_shards.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bs = _load_cli()
 
 OPTS = ["--min-ctr", "0.05", "--min-query-len", "2", "--max-query-len", "20", "--val-fraction", "0.3",
         "--shard-size", "4", "--workers", "1", "--no-progress", "--quiet"]
@@ -176,11 +190,11 @@ def test_report_counts_match_the_planted_rows(tmp_path, fmt):
     report = json.loads((out / "report.json").read_text())
     exp = _expected(fates, f"log.{fmt}")
     assert report["input_rows"] == exp["input_rows"]
-    for reason in bs.BAD_REASONS:
+    for reason in BAD_REASONS:
         got = report["bad_rows"]["by_reason"][reason]
         assert got["rows"] == exp["bad"].get(reason, 0), reason
         assert got["first_lines"] == exp["bad_lines"].get(reason, [])[:5], reason
-    for reason in bs.FILTER_REASONS:
+    for reason in FILTER_REASONS:
         got = report["filtered"]["by_reason"][reason]
         assert got["rows"] == exp["filtered_rows"].get(reason, 0), reason
         assert got["pairs"] == exp["filtered_pairs"].get(reason, 0), reason
@@ -221,7 +235,7 @@ def test_report_counts_match_the_planted_rows(tmp_path, fmt):
                 assert isinstance(meta["query_id"], int) and isinstance(meta["image_id"], int)
                 assert by_sha.setdefault(meta["image_sha1"], meta["image_id"]) == meta["image_id"]
                 assert by_query.setdefault(txt, meta["query_id"]) == meta["query_id"]
-                assert meta["query_id"] == bs.query_hash_id(txt)
+                assert meta["query_id"] == ids.query_hash(txt)
                 if txt == "red apple" and meta["image_path"] == "img/g0.jpg":
                     assert (meta["clicks"], meta["impressions"], meta["rows"]) == (6, 16, 3)
                     line = next(ln for ln, f in fates.items() if f == ("new", "red apple|g0"))
@@ -325,18 +339,42 @@ def test_byte_limit_resize_and_fsspec_output(tmp_path):
 
 
 def test_helpers():
-    assert bs.normalize_query("  Ｒｅｄ\u3000 CIRCLE\t") == "red circle"
-    assert bs.normalize_query("红色 的 圆形") == "红色 的 圆形"
-    assert bs.normalize_query("ÉCOLE Ωmega") == "école Ωmega"        # Latin lower-cased, Greek kept
+    assert ids.normalize_query("  Ｒｅｄ\u3000 CIRCLE\t") == "red circle"
+    assert ids.normalize_query("红色 的 圆形") == "红色 的 圆形"
+    assert ids.normalize_query("ÉCOLE ΩMEGA") == "école ωmega"        # every script lower-cased
     im = Image.new("RGB", (300, 100))
-    assert bs.resize_image(im, 64, "longest").size == (64, 21)
-    assert bs.resize_image(im, 64, "shortest").size == (192, 64)
-    assert bs.resize_image(im, 400, "longest").size == (300, 100)   # never enlarged
-    assert bs.resize_image(im, 0, "longest").size == (300, 100)
-    assert bs.split_of("red circle", 0.5) == bs.split_of("red circle", 0.5)
-    assert 0 <= bs.query_hash_id("red circle") < 2 ** 63
-    assert bs.parse_count("3.0") == 3 and bs.parse_count("") is None
-    assert bs.parse_id("0042") == 42 and bs.parse_id("abc") == "abc"
+    assert images.resize_image(im, 64, "longest").size == (64, 21)
+    assert images.resize_image(im, 64, "shortest").size == (192, 64)
+    assert images.resize_image(im, 400, "longest").size == (300, 100)   # never enlarged
+    assert images.resize_image(im, 0, "longest").size == (300, 100)
+    assert plan.split_of("red circle", 0.5) == plan.split_of("red circle", 0.5)
+    assert 0 <= ids.query_hash("red circle") < 2 ** 63
+    assert inputs.parse_count("3.0") == 3 and inputs.parse_count("") is None
+    assert inputs.parse_id("0042") == 42 and inputs.parse_id("abc") == "abc"
     for bad in ("x", "-1", "2.5", "nan"):
-        with pytest.raises(bs._BadRow):
-            bs.parse_count(bad)
+        with pytest.raises(inputs.BadRow):
+            inputs.parse_count(bad)
+    assert bs.parse_size("45KB") == 45 * 1024 and bs.parse_size("1GB") == 1024 ** 3
+
+
+def test_library_call_without_argparse(tmp_path):
+    """The builder takes a BuildOptions: the same shards as the CLI, and bad options are a BuildError."""
+    from pretrain.data.build import BuildError
+
+    rc, ref, _ = _build(tmp_path, "tsv", "cli")
+    assert rc == 0
+    opts = BuildOptions(inputs=[str(tmp_path / "src" / "log.tsv")], out=str(tmp_path / "lib"), min_ctr=0.05,
+                        min_query_len=2, max_query_len=20, val_fraction=0.3, shard_size=4, workers=1, progress=False)
+    report = build(opts)
+    assert report["accounting"]["ok"]
+    for split in ("train", "val"):
+        for name in os.listdir(ref / split):
+            assert (ref / split / name).read_bytes() == (tmp_path / "lib" / split / name).read_bytes()
+    with pytest.raises(BuildError, match="val-fraction"):
+        build(BuildOptions(inputs=opts.inputs, out=str(tmp_path / "x"), val_fraction=1.5))
+
+
+def test_builder_and_inspector_do_not_import_torch():
+    code = "import pretrain.data.build, pretrain.data.inspection, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

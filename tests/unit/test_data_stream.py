@@ -23,7 +23,8 @@ from PIL import Image
 
 from pretrain.data import DataError, ShardStream, iter_eval_batches, split_key
 from pretrain.dist import sum_counts
-from pretrain.data.samples import SKIP_REASONS, decode_image, iter_samples
+from pretrain.data.samples import SKIP_REASONS, decode_image
+from pretrain.data.tar import iter_samples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,18 +1,30 @@
-"""tools/inspect_shards.py: counts, planted corruption, contact sheet."""
+"""tools/inspect_shards.py (on pretrain.data.inspection): counts, planted corruption, dump, contact sheet."""
+import importlib.util
 import io
 import json
 import math
 import os
-import sys
 import tarfile
 
 import pytest
 from PIL import Image
 
+from pretrain import fonts as _fonts
+from pretrain.data.inspection import expand_shards
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from pretrain import fonts as _fonts  # noqa: E402
-import inspect_shards  # noqa: E402
+
+
+def _load_cli():
+    """tools/inspect_shards.py by its path (tools/ is not a package; nothing is added to sys.path)."""
+    spec = importlib.util.spec_from_file_location("_tool_inspect_shards",
+                                                  os.path.join(ROOT, "tools", "inspect_shards.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+inspect_shards = _load_cli()
 
 
 def _jpg(color):
@@ -56,20 +68,20 @@ def shards(tmp_path):
 
 def test_counts_and_planted_problems(shards, tmp_path, capsys):
     result = tmp_path / "r.json"
-    assert inspect_shards.main([str(shards), "--json", str(result)]) == 1
+    assert inspect_shards.main([str(shards), "--report", str(result)]) == 1
     out = capsys.readouterr().out
     assert "shard-000000.tar" in out and "sizes.json: 5 ok" in out and "MISMATCH" in out
     r = json.loads(result.read_text())
     assert [s["samples"] for s in r["shards"]] == [5, 6]
     assert r["samples"] == 11
     got = {k: v["count"] for k, v in r["problems"].items()}
-    assert got == {"undecodable_image": 1, "bad_text_encoding": 1, "bad_json": 1, "missing_text": 1,
+    assert got == {"bad_image": 1, "invalid_text": 1, "bad_json": 1, "missing_text": 1,
                    "duplicate_key": 1, "size_mismatch": 1}
     assert r["problems"]["bad_json"]["examples"] == ["shard-000001.tar:000000013"]
     assert inspect_shards.main([str(shards), "--warn-only", "--quiet"]) == 0
     # brace pattern / glob / single file give the same shards
-    assert inspect_shards.expand_shards([str(shards / "shard-{000000..000001}.tar")]) == \
-        inspect_shards.expand_shards([str(shards / "*.tar")])
+    assert expand_shards([str(shards / "shard-{000000..000001}.tar")]) == expand_shards([str(shards / "*.tar")]) \
+        == expand_shards([str(shards)])
     assert inspect_shards.main([str(shards / "shard-000000.tar")]) == 0
 
 
@@ -78,7 +90,7 @@ def test_truncated_tar_is_reported(shards, capsys):
     (shards / "shard-000000.tar").write_bytes(data[: len(data) // 2 + 100])
     assert inspect_shards.main([str(shards / "shard-000000.tar")]) == 1
     out = capsys.readouterr().out
-    assert "bad_tar: 1" in out
+    assert "shard_error: 1" in out
 
 
 def test_contact_sheet_size_and_font(shards, tmp_path):
@@ -106,3 +118,20 @@ def test_font_without_cjk_is_detected():
     except TypeError:
         pytest.skip("Pillow too old for a sized default font")
     assert not _fonts.covers_cjk(latin)
+
+
+def test_dump_prints_what_the_trainer_sees(shards, capsys):
+    assert inspect_shards.main([str(shards / "shard-000001.tar"), "--dump", "3", "--warn-only", "--quiet"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "#0000000" in ln]
+    assert len(lines) == 3
+    assert "#000000010  query_id=" in lines[0] and "40x30" in lines[0] and "'fine'" in lines[0]
+    assert lines[1].endswith("#000000011  SKIP bad_image")
+    assert lines[2].endswith("#000000012  SKIP invalid_text")
+    # --json: JSON Lines, the dumped samples then the summary; ids as the loader computes them
+    assert inspect_shards.main([str(shards / "shard-000000.tar"), "--dump", "2", "--json"]) == 0
+    objs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [o.get("key") for o in objs[:2]] == ["000000000", "000000001"] and "summary" in objs[2]
+    from pretrain.data.ids import query_hash
+
+    assert objs[1]["query"] == "红色圆形" and objs[1]["query_id"] == query_hash("红色圆形")
+    assert objs[2]["summary"]["samples"] == 5 and objs[2]["summary"]["problems"] == {}

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.vse.data import CaptionPairs, caption_collate, caption_texts, read_karpathy, training_splits
+from pretrain.data.karpathy import caption_texts, read_karpathy, training_splits
+from pretrain.vse.data import CaptionPairs, caption_collate
 from pretrain.vocab import WordVocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +43,7 @@ def test_reader_splits_restval_and_caption_cap(tmp_path):
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda d: d["images"][1].pop("filename"), "images[1] has no field 'filename'"),
+    (lambda d: d["images"][1].pop("filename"), "images[1] (split 'train') has no field 'filename'"),
     (lambda d: d["images"][0].update(split=3), "field 'split' of images[0] must be str"),
     (lambda d: d["images"][1].update(sentences=[]), "field 'sentences' of images[1]"),
     (lambda d: d["images"][1]["sentences"][0].pop("raw") and d["images"][1]["sentences"][0].pop("tokens"),
@@ -65,7 +66,7 @@ def test_missing_images_and_splits_are_reported(tmp_path):
     os.remove(os.path.join(str(tmp_path), "imgs", "3.jpg"))
     with pytest.raises(FileNotFoundError) as e:
         read_karpathy(path, str(tmp_path), ["test"])
-    assert "2 of 5 images" in str(e.value) and os.path.join("imgs", "1.jpg") in str(e.value) and path in str(e.value)
+    assert "2 of 5 image files" in str(e.value) and os.path.join("imgs", "1.jpg") in str(e.value) and path in str(e.value)
     with pytest.raises(ValueError, match="splits present: \\['test'\\]"):
         read_karpathy(path, str(tmp_path), ["val"])
     with pytest.raises(ValueError, match="not valid JSON"):

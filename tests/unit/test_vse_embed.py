@@ -43,7 +43,7 @@ def make_data(root):
 def embed_all(root, rank, world):
     from pretrain.eval.embed import embed_karpathy, embed_shards
     from pretrain.models import DualEncoder, build_tokenizer
-    from pretrain.vse.data import read_karpathy
+    from pretrain.data.karpathy import read_karpathy
     from pretrain.models import image_transform as eval_transform
     from conftest import tiny_model_config
 

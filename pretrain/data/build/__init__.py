@@ -1,0 +1,143 @@
+"""The shard builder: click logs -> WebDataset shards of <query, image> pairs (CLI: ``tools/build_shards.py``).
+
+    from pretrain.data.build import BuildOptions, build
+    report = build(BuildOptions(inputs=["logs/*.tsv"], out="shards", val_fraction=0.01))
+
+Modules, in the order a build uses them: ``options`` (the typed options), ``inputs`` (listing and reading
+the logs, parsing fields), ``images`` (reading, examining and rendering images), ``plan`` (read ->
+normalise -> aggregate -> examine -> dedup -> filter -> shuffle -> split -> assign shards), ``write``
+(plan file, shards, sizes.json). The shard layout, the query normalisation and the ids are those of
+``pretrain.data.ids`` and ``pretrain.data.tar``, which the loader and the inspector read with.
+
+Two passes, everything deterministic from the inputs and the options:
+
+1. Plan. Every row is read; a row that cannot be used is counted under a bad-input reason
+   (``plan.BAD_REASONS``) with its first line numbers. Every distinct image reference is read, hashed,
+   decoded, checked and encoded once (in ``workers`` processes). Rows are aggregated per (normalised
+   query, image content): clicks and impressions are summed; the first row gives the original query, the
+   provenance and the timestamp. Pair filters: ``plan.FILTER_REASONS``. The surviving pairs are shuffled
+   globally, numbered (KEY = 9-digit global index), split by query and cut into shards by count and exact
+   tar size. The plan is saved before any shard is written.
+2. Write. Each missing shard is written to ``NAME.tmp`` and renamed when complete. Images are read again,
+   their hash checked against the plan and re-encoded to the planned size: a restarted build gives
+   byte-identical shards. A re-run with other inputs or options is refused unless ``overwrite``.
+
+Each sample: ``KEY.jpg``, ``KEY.txt`` (the normalised query, UTF-8) and ``KEY.json`` with key, query_id,
+image_id, clicks, impressions, query (original text of the first row), source ("FILE:LINE" of the first
+row; Parquet: the 1-based row number), rows (input rows aggregated), image_sha1, image_path (as written in
+the log, null for base64), width, height (stored JPEG), original_width, original_height, split and, when
+the log has that column, timestamp. Report accounting (exact):
+``input_rows = bad_rows + duplicate_rows + filtered_rows + written_samples``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+
+import fsspec
+
+from .inputs import is_local, list_inputs
+from .options import BuildError, BuildOptions, plan_options
+from .plan import BAD_REASONS, FILTER_REASONS, make_plan
+from .write import (REPORT_FILE, fingerprint, json_bytes, load_plan_rows, pending_shards, prepare_out, save_plan,
+                    write_atomic, write_shards, write_sizes)
+
+__all__ = ["BAD_REASONS", "FILTER_REASONS", "REPORT_FILE", "BuildError", "BuildOptions", "build", "format_summary"]
+
+
+def _progress_factory(enabled: bool):
+    def progress(**kw):
+        from tqdm import tqdm
+
+        return tqdm(file=sys.stderr, disable=None if enabled else True, dynamic_ncols=True, **kw)
+    return progress
+
+
+def _pool(workers: int):
+    return multiprocessing.get_context().Pool(workers) if workers > 1 else None
+
+
+def build(options: BuildOptions) -> dict:
+    """Run a build; returns the report (also written to ``OUT/report.json``). BuildError on bad inputs,
+    options or output folder. Failed shards are listed in ``report["run"]["failed"]`` (a re-run retries them)."""
+    t0 = time.time()
+    options = options.checked()
+    progress = _progress_factory(options.progress)
+    files = list_inputs(options.inputs, options.format)
+    fs, root = fsspec.core.url_to_fs(options.out)
+    root = root.rstrip("/") or "/"
+    if is_local(fs):
+        root = os.path.abspath(root)
+    fs.makedirs(root, exist_ok=True)
+    fp = fingerprint(options, files)
+    plan = prepare_out(options, fs, root, fp)
+    pool, ok = None, False
+    try:
+        if plan is None:
+            pool = _pool(options.workers)
+            shards, split_rows, stats = make_plan(options, files, pool, progress)
+            save_plan(fs, root, fp, options, shards, split_rows, stats)
+            rows_by_shard = {}
+            for s in shards:
+                for r in split_rows[s]:
+                    rows_by_shard.setdefault((s, r["shard"]), []).append(r)
+        else:
+            shards, stats, rows_by_shard = plan["shards"], plan["stats"], None
+        t_plan = time.time()
+        for s in shards:
+            fs.makedirs(f"{root}/{s}", exist_ok=True)
+        pending, skipped = pending_shards(fs, root, shards)
+        samples, failed = 0, []
+        if pending:
+            rows_by_shard = rows_by_shard if rows_by_shard is not None else load_plan_rows(fs, root)
+            pool = pool or _pool(options.workers)
+            samples, failed = write_shards(options, fs, root, shards, rows_by_shard, pending, pool, progress)
+        ok = True
+    finally:
+        if pool is not None:
+            pool.close() if ok else pool.terminate()
+            pool.join()
+    t_write = time.time()
+    write_sizes(fs, root, shards, failed)
+    report = {"out": options.out, **stats, "shards": {s: len(shards[s]) for s in shards},
+              "options": plan_options(options)}
+    report["run"] = {
+        "plan_reused": plan is not None,
+        "shards_written": len(pending) - len(failed),
+        "shards_skipped": skipped,
+        "shards_failed": len(failed),
+        "failed": failed,
+        "samples_written": samples,
+        "workers": options.workers,
+        "time_s": {"plan": round(t_plan - t0, 3), "write": round(t_write - t_plan, 3),
+                   "total": round(time.time() - t0, 3)},
+        "images_per_s": round(samples / max(t_write - t_plan, 1e-9), 1) if samples else 0.0,
+    }
+    report["time_s"] = report["run"]["time_s"]["total"]
+    report["throughput_images_per_s"] = report["run"]["images_per_s"]
+    write_atomic(fs, f"{root}/{REPORT_FILE}", json_bytes(report))
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """The report in a few lines (what the CLI prints)."""
+    acc, run = report["accounting"], report["run"]
+    lines = [
+        f"[build_shards] {report['out']}",
+        f"  input rows        {acc['input_rows']}",
+        f"  bad rows          {acc['bad_rows']}   " + ", ".join(
+            f"{r}={v['rows']}" for r, v in report["bad_rows"]["by_reason"].items() if v["rows"]),
+        f"  duplicate rows    {acc['duplicate_rows']} merged into written pairs "
+        f"({report['duplicate_rows']['total']} in all pairs); duplicate images {report['images']['duplicate_images']}",
+        f"  filtered rows     {acc['filtered_rows']}   " + ", ".join(
+            f"{r}={v['rows']} rows/{v['pairs']} pairs" for r, v in report["filtered"]["by_reason"].items() if v["rows"]),
+        f"  written samples   {acc['written_samples']}   " + ", ".join(
+            f"{s}: {v['samples']} in {v['shards']} shards" for s, v in report["written"].items()),
+        f"  accounting        {acc['input_rows']} = {acc['bad_rows']} + {acc['duplicate_rows']} + "
+        f"{acc['filtered_rows']} + {acc['written_samples']}  ({'ok' if acc['ok'] else 'MISMATCH'})",
+        f"  this run          {run['shards_written']} shards written, {run['shards_skipped']} skipped, "
+        f"{run['shards_failed']} failed; {run['time_s']['total']:.1f} s, {run['images_per_s']:.0f} images/s",
+    ]
+    return "\n".join(lines)
