@@ -17,7 +17,6 @@ import sys
 import tarfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def iter_queries(spec: str):

@@ -29,7 +29,6 @@ import shutil
 import sys
 from typing import Dict, List, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def find_click_log(raw_dir: str) -> str:
