@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import signal
 from contextlib import closing, contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -225,6 +227,27 @@ class _TrainBatches(IterableDataset):
             yield batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 to the training process, which stops cleanly and saves first
+    (launchers and schedulers signal the whole process tree; a worker dying first would abort that save).
+    They still exit when the training process shuts them down or dies."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _worker_error(e: BaseException, rank: int) -> DataError:
+    """One line for an exception re-raised from a loader worker (torch puts the worker's whole traceback in the
+    message; it goes to the debug log)."""
+    text = str(e)
+    log.debug("data loader worker error:\n%s", text)
+    head = re.search(r"in DataLoader worker process (\d+)", text)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else type(e).__name__
+    last = re.sub(r"^pretrain\.data\.stream\.", "", last)
+    where = f"worker {head.group(1)}" if head else "a worker"
+    return DataError(f"rank {rank} data loader {where}: {last}")
+
+
 class ShardStream:
     """Infinite stream of training batches for one rank (module docstring: pipeline, determinism, resume).
 
@@ -279,8 +302,18 @@ class ShardStream:
         nw = self.num_workers
         loader = DataLoader(self._dataset(), batch_size=None, num_workers=nw, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=self.prefetch_factor if nw else None, persistent_workers=False,
-                            in_order=True, multiprocessing_context=self.multiprocessing_context if nw else None)
-        for batch in loader:
+                            in_order=True, multiprocessing_context=self.multiprocessing_context if nw else None,
+                            worker_init_fn=_worker_init if nw else None)
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # a worker's error: one line, not its whole traceback
+                if "Original Traceback" not in str(e):
+                    raise
+                raise _worker_error(e, self.rank) from None
             expected = self._batches % self._slots
             if batch["_worker"] != expected:
                 raise DataError(f"batch {self._batches} came from worker {batch['_worker']}, expected {expected}: "
