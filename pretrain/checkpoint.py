@@ -74,7 +74,7 @@ def _deepspeed_globals() -> List[Any]:
     return out
 
 
-def _allowed_globals() -> List[Any]:
+def allowed_globals() -> List[Any]:
     return _deepspeed_globals()
 
 
@@ -91,7 +91,7 @@ def scan(path: str) -> None:
 
     Reads only the pickle record (static disassembly, nothing runs); the load itself is weights_only too."""
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             bad = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
@@ -105,7 +105,7 @@ def scan(path: str) -> None:
 def safe_load(path: str, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with DeepSpeed's few types allowed; one-line errors naming the file."""
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
