@@ -25,9 +25,11 @@ Streams are infinite, so every rank takes the same number of steps whatever the 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import signal
+import threading
 from contextlib import closing, contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -227,12 +229,23 @@ class _TrainBatches(IterableDataset):
             yield batch
 
 
+WORKER_GRACE_S = 20.0
+"""A loader worker lives this long after SIGTERM (see ``_worker_init``)."""
+
+
+def _exit_after_grace(signum, frame) -> None:
+    timer = threading.Timer(WORKER_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
 def _worker_init(worker_id: int) -> None:
-    """Loader workers leave SIGTERM / SIGUSR1 to the training process, which stops cleanly and saves first
-    (launchers and schedulers signal the whole process tree; a worker dying first would abort that save).
-    They still exit when the training process shuts them down or dies."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
+    """Launchers and schedulers signal the whole process tree. A worker dying at once would abort the training
+    process's current step and its last save (torch raises in the parent when a worker dies), so a worker
+    ignores SIGUSR1 and leaves only ``WORKER_GRACE_S`` after SIGTERM: time for the step and the save, and still
+    an end when the parent shuts it down (terminate) or is gone."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
 
 
 def _worker_error(e: BaseException, rank: int) -> DataError:
@@ -306,6 +319,7 @@ class ShardStream:
                             worker_init_fn=_worker_init if nw else None)
         batches = iter(loader)
         while True:
+            error = None
             try:
                 batch = next(batches)
             except StopIteration:
@@ -313,7 +327,10 @@ class ShardStream:
             except Exception as e:  # a worker's error: one line, not its whole traceback
                 if "Original Traceback" not in str(e):
                     raise
-                raise _worker_error(e, self.rank) from None
+                error = _worker_error(e, self.rank)
+            if error is not None:  # raised here, holding neither the loader nor torch's exception: the
+                batches = None     # workers shut down now, not when the traceback is collected
+                raise error
             expected = self._batches % self._slots
             if batch["_worker"] != expected:
                 raise DataError(f"batch {self._batches} came from worker {batch['_worker']}, expected {expected}: "
