@@ -3,7 +3,10 @@
     deepspeed --num_gpus 8 launch/pretrain.py --config configs/pretrain/base.yaml [key=value ...]
     python launch/pretrain.py --config configs/pretrain/demo.yaml train.steps=50   # one process
 
-Trailing ``key=value`` arguments override config fields (e.g. ``train.zero_stage=3``).
+``key=value`` arguments (before or after the options) override config fields (e.g. ``train.zero_stage=3``).
+Everything that can be checked before start-up is: the config (keys, types, ranges) and the paths it names
+(shards, tokenizer, weights). Errors are one line on stderr, exit code 2 (3: the run stopped on bad steps or
+bad data). SIGTERM or SIGUSR1 stops every rank after the same step with a checkpoint, exit code 0.
 """
 from __future__ import annotations
 
@@ -24,24 +27,38 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
+def _error(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    prefix = "error" if os.environ.get("WORLD_SIZE", "1") == "1" else f"error (rank {rank})"
+    print(f"{prefix}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _resume_hint(config: str, overrides: List[str]) -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"deepspeed --num_gpus {world} " if world > 1 else "python "
+    rest = " ".join(overrides)
+    return f"{launcher}launch/pretrain.py --config {config} --resume auto{' ' + rest if rest else ''}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (configs/pretrain/*.yaml)")
     parser.add_argument("--resume", default="auto",
                         help="'auto' (newest complete checkpoint in train.output_dir, else fresh), 'never', "
-                             "or a checkpoint tag/path")
+                             "a checkpoint tag, or a path: a checkpoint folder, or a run folder (its newest)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after the options
 
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError, check_paths, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = check_paths(load_config(args.config, args.overrides))
     except ConfigError as e:  # before any work: name the key and what is allowed
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2
 
+    from pretrain.checkpoint import CheckpointError
     from pretrain.data import DataError
     from pretrain.trainer import Trainer, TrainingStopped
 
@@ -49,11 +66,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()
     except (TrainingStopped, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 3
-    except (ValueError, FileNotFoundError) as e:  # bad paths, shards, checkpoints: a message, not a traceback
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except (CheckpointError, ConfigError) as e:
+        _error(e)
         return 2
+    except (ValueError, FileNotFoundError) as e:  # bad paths, shards, checkpoints: a message, not a traceback
+        _error(f"{type(e).__name__}: {e}")
+        return 2
+    if trainer.stopped_by and trainer.rank == 0:
+        print(f"stopped by {trainer.stopped_by} after step {trainer.step} of {cfg.train.steps}; checkpoint "
+              f"{trainer.last_checkpoint}. To resume: {_resume_hint(args.config, args.overrides)}", flush=True)
     return 0
 
 

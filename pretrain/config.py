@@ -244,6 +244,14 @@ ALLOWED = {
 }
 
 
+def _yaml_value(text: str, key: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise ConfigError(f"config key '{key}' must be {what}; {text!r} is not valid YAML{where}") from None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -277,12 +285,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None and number == number and abs(number) != float("inf"):
+                return number
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -290,13 +302,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     if origin in (list, List):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key, "a list, e.g. [0.9, 0.98]")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(v, args[0], key) for v in value] if args else list(value)
     if origin in (dict, Dict):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key, "a mapping, e.g. {drop_path_rate: 0.1}")
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return dict(value)
@@ -365,8 +377,53 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_unit_interval(cfg, ["data.max_bad_fraction"])
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise ConfigError(f"config key 'data.crop_scale_min' must be in (0, 1], got {cfg.data.crop_scale_min}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
+    check_positive(cfg, ["optim.lr", "optim.head_lr", "optim.eps"])
+    check_non_negative(cfg, ["optim.grad_clip", "optim.warmup_steps", "optim.weight_decay", "train.stop_at",
+                             "data.seed", "train.seed"])
+    check_unit_interval(cfg, ["optim.min_lr_ratio", "data.hflip"])
+    check_non_negative(cfg, ["data.color_jitter"])
+    for key in ("data.val_max_samples", "data.max_pixels", "model.attention_pool_layers"):
+        check_positive(cfg, [key])
+    return cfg
+
+
+def check_paths(cfg: RunConfig) -> RunConfig:
+    """Everything on disk the run needs, checked before any work (a missing val folder must not wait for the
+    final evaluation): shards, tokenizer, text model, image weights, DeepSpeed fragment. Raises ConfigError
+    naming the key and the path. Remote shard URLs are expanded but not opened."""
+    import json
+    import os
+
+    from .data.urls import expand_urls
+
+    d = cfg.data
+    if not d.train_shards:
+        raise ConfigError("config key 'data.train_shards' is empty: give the training shards, e.g. "
+                          "data.train_shards=data/demo/shards/train (see tools/make_demo_data.py)")
+    for key, spec in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
+        if spec:
+            try:
+                expand_urls(spec, d.allow_pipe)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
+    text = cfg.model.text
+    for key, path in (("model.text.name_or_path", text.name_or_path), ("model.text.tokenizer", text.tokenizer)):
+        if path and path != "minilm" and not os.path.isdir(path):
+            raise ConfigError(f"config key '{key}' = {path!r} is not a local directory (nothing is downloaded at "
+                              f"run time; use save_pretrained(dir) elsewhere, or 'minilm')")
+    weights = cfg.model.image.weights
+    if weights and not os.path.isfile(weights):
+        raise ConfigError(f"config key 'model.image.weights' = {weights!r} does not exist")
+    fragment = cfg.train.deepspeed_config
+    if fragment:
+        try:
+            with open(fragment, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'train.deepspeed_config' = {fragment!r}: not a readable JSON file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return cfg
 
 
@@ -426,8 +483,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file '{path}' does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file '{path}' is a directory: give a YAML file, e.g. "
+                              f"configs/pretrain/demo.yaml") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{path}' is not a text file (not UTF-8): give a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or type(e).__name__}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at top level")
     if overrides:

@@ -6,8 +6,11 @@ reductions are used for bookkeeping (flags, counters, metrics).
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import sys
+import threading
 from typing import Any, Dict, List
 
 import torch
@@ -20,12 +23,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS_TIMEOUT_S = 60.0
+"""How long the processes may take to find each other (``WENLAN_RENDEZVOUS_TIMEOUT`` overrides it)."""
+
+
+def _rendezvous_hint(addr: str, port: str) -> str:
+    return (f"pick a free port with `deepspeed --master_port PORT ...` (or MASTER_PORT=PORT), and check that "
+            f"{addr} is this job's first node and reachable from every node")
+
+
+def _check_port_free(addr: str, port: str) -> None:
+    """Rank 0 hosts the rendezvous store on MASTER_PORT: if another job holds it, the other ranks would connect to
+    that job's store and wait until the time-out. Say so now."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":  # torchrun's agent hosts it
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"rendezvous port {port} on {addr} is already in use (another job?): "
+                                   f"{_rendezvous_hint(addr, port)}") from None
+
+
+def _rendezvous(backend: str) -> None:
+    """``init_process_group`` under a watchdog: a rendezvous that cannot complete ends this process within
+    ``RENDEZVOUS_TIMEOUT_S`` with one line naming the address and port, instead of torch's 10-30 minute wait."""
+    from deepspeed.constants import default_pg_timeout  # collectives keep DeepSpeed's time-out
+
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    timeout = float(os.environ.get("WENLAN_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT_S))
+    if os.environ.get("RANK") == "0" and port.isdigit():
+        try:
+            _check_port_free(addr, port)
+        except RuntimeError as e:
+            print(f"error (rank 0): {e}", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    def give_up() -> None:
+        print(f"error (rank {os.environ.get('RANK', '?')}): the {os.environ.get('WORLD_SIZE', '?')} processes did not "
+              f"meet at {addr}:{port} within {timeout:.0f} s: {_rendezvous_hint(addr, port)}",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        dist.init_process_group(backend, timeout=default_pg_timeout)
+    finally:
+        timer.cancel()
+
+
 def init_distributed(device: str) -> None:
-    """Initialise torch.distributed through DeepSpeed.
+    """Initialise torch.distributed, then DeepSpeed's communication on top of it.
 
     Run by ``deepspeed`` (or torchrun), the rank variables are set. Run as plain
     ``python launch/x.py``, they are not, and DeepSpeed would then look for mpi4py: set the
-    single-process defaults first.
+    single-process defaults first. The rendezvous runs under a watchdog (see ``_rendezvous``).
     """
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.setdefault("RANK", "0")
@@ -39,6 +94,8 @@ def init_distributed(device: str) -> None:
     import deepspeed
 
     backend = "nccl" if device == "cuda" else "gloo"
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        _rendezvous(backend)
     deepspeed.init_distributed(dist_backend=backend)
 
 

@@ -17,6 +17,7 @@ Loading needs no DeepSpeed and no network::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,24 +27,47 @@ from typing import Dict, Optional, Tuple
 import torch
 import yaml
 
+from .checkpoint import CheckpointError, allowed_globals, safe_load, scan_checkpoint
 from .config import ModelConfig, RunConfig, _build, load_config
 from .models import DualEncoder, build_tokenizer, image_transform
 
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def forced_weights_only():
+    """Every ``torch.load`` inside, whatever its arguments, is ``weights_only=True`` (torch's own switch),
+    with DeepSpeed's few types allowed; the unpickler's refusal becomes a CheckpointError."""
+    import pickle
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused to load a checkpoint file: {str(e).splitlines()[0]}") from None
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
 def read_checkpoint_weights(ckpt_dir: str, tag: str, zero_stage: int, which: str = "query") -> Dict[str, torch.Tensor]:
     """State dict of the DualEncoder (``query``: the trained f; ``momentum``: the key encoders g)."""
     path = os.path.join(ckpt_dir, tag)
     if which == "momentum":
-        shared = torch.load(os.path.join(path, "wenlan.pt"), map_location="cpu", weights_only=False)
+        shared = safe_load(os.path.join(path, "wenlan.pt"))
         return {k: v.float() for k, v in shared["keys"]["key"].items()}
     if zero_stage == 0:
-        states = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-        module = states["module"]
+        module = safe_load(os.path.join(path, "mp_rank_00_model_states.pt"))["module"]
     else:  # ZeRO 1-3: fp32 master weights reassembled from the optimizer partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        module = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+        scan_checkpoint(path)  # one line naming a file that holds anything but data ...
+        with forced_weights_only():  # ... and DeepSpeed's reader, which asks for weights_only=False, gets True
+            module = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     prefix = "query."
     out = {k[len(prefix):]: v.float() for k, v in module.items() if k.startswith(prefix)}
     if not out:
@@ -58,7 +82,7 @@ def _fill_buffers(weights: Dict[str, torch.Tensor], ckpt_path: str) -> Dict[str,
     files = sorted(glob.glob(os.path.join(ckpt_path, "*mp_rank_00_model_states.pt")))
     if not files:
         return weights
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    states = safe_load(files[0])
     buffers = states.get("buffer_names") or []
     for name in buffers:
         if name.startswith("query.") and name[len("query."):] not in weights and name in states["module"]:

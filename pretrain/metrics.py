@@ -21,7 +21,9 @@ def setup_logging(rank: int) -> None:
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
+                 purge_after: Optional[int] = None):
+        """``purge_after``: a resumed run; TensorBoard drops the events of later steps (logged before a kill)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.t0 = time.time()
@@ -33,7 +35,8 @@ class MetricsWriter:
             self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=purge_after + 1 if purge_after is not None else None)
             except Exception as e:  # tensorboard is a dependency; keep training if it is broken
                 log.warning("TensorBoard disabled: %s", e)
 
@@ -74,6 +77,37 @@ def _fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def truncate_metrics(output_dir: str, step: int, drop_eval_at_last: bool = False) -> int:
+    """A resumed run: keep the records of ``metrics.jsonl`` up to ``step`` (the checkpoint's), so that each step
+    is logged once (a killed run logged steps after its last checkpoint). ``drop_eval_at_last`` also drops
+    the evaluation records of ``step`` itself (an evaluation killed midway is done again). Atomic (rename).
+    Returns the records dropped. Call on rank 0 only."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                s = int(rec["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # a line cut by a kill
+                continue
+            evaluation = any(k.startswith("eval") and "/" in k for k in rec)
+            if s > step or (drop_eval_at_last and s == step and evaluation):
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) logged after step %d (the checkpoint resumed from)", dropped, step)
+    return dropped
 
 
 def set_aside_old_metrics(output_dir: str) -> Optional[str]:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
@@ -20,7 +21,7 @@ import torch
 
 from . import checkpoint, dist
 from .config import RunConfig, save_config
-from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging
+from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging, truncate_metrics
 from .models import build_tokenizer, image_transform, momentum_copy
 from .runtime import adamw
 from .wenlan import WenLanModel, WenLanStep, key_towers_are_query, momentum_at
@@ -30,6 +31,39 @@ log = logging.getLogger("pretrain")
 
 class TrainingStopped(RuntimeError):
     """Raised when the run cannot go on (too many bad steps, too much bad data)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Schedulers send one of these before they kill a job (SLURM: ``--signal=USR1@120``; Kubernetes: SIGTERM)."""
+
+
+class StopRequest:
+    """Records SIGTERM / SIGUSR1 instead of dying; the loop polls ``signum`` at each optimizer step and all
+    ranks agree (``dist.any_rank``), so that every rank stops at the same step and saves."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. a test harness): no preemption handling
+                return
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
 
 def derive_deepspeed_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
@@ -144,6 +178,9 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.train
+        self.stop_request = StopRequest()
+        self.stop_request.install()  # before the slow start-up: a signal then still ends in a clean stop
+        self.stopped_by: Optional[str] = None  # signal name when the run stopped early on a signal
         dev = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
         dist.init_distributed(dev)
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -170,6 +207,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        checkpoint.install_safe_engine(self.engine)  # DeepSpeed's own load: weights_only=True
         if t.zero_stage == 3:
             share_fp32_master_partitions(self.engine.optimizer)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
@@ -187,17 +225,23 @@ class Trainer:
         self.bad_in_row = 0
         self.ds_skipped_base = 0
         self.last_eval: Dict[str, float] = {}
-        tag = checkpoint.find_resume_tag(self.ckpt_dir, resume)
-        if tag:
-            self._restore(tag)
+        self.last_checkpoint: Optional[str] = None
+        self._resume_rng = None       # restored right before the first step (see fit)
+        self.resumed_from = checkpoint.resolve_resume(self.ckpt_dir, resume)
+        if self.resumed_from:
+            self._restore(self.resumed_from)
+            if self.rank == 0:  # each step once in the log: drop what was logged after this checkpoint
+                truncate_metrics(t.output_dir, self.step)
         else:
-            existing = checkpoint.complete_tags(self.ckpt_dir)
+            existing = dist.broadcast_object(checkpoint.complete_tags(self.ckpt_dir) if self.rank == 0 else None)
             if existing:
                 raise ValueError(f"{self.ckpt_dir} already holds checkpoints ({existing[-1]}) and --resume is "
                                  f"'{resume}': continue with --resume auto, or choose a new train.output_dir")
             if self.rank == 0:  # a fresh run: keep the old log aside, lose nothing
                 set_aside_old_metrics(t.output_dir)
-        self.writer = MetricsWriter(t.output_dir, self.rank == 0, t.steps, start_step=self.step)
+        dist.barrier()
+        self.writer = MetricsWriter(t.output_dir, self.rank == 0, t.steps, start_step=self.step,
+                                    purge_after=self.step if self.resumed_from else None)
 
     # ------------------------------------------------------------------ data
     def _build_stream(self):
@@ -225,6 +269,9 @@ class Trainer:
         t = self.cfg.train
         if self.step >= t.steps:
             log.info("run already at step %d of %d: nothing to train", self.step, t.steps)
+            if self._final_eval_missing():  # killed during the final evaluation (the checkpoint came first)
+                self.evaluate()
+            self.writer.close()
             return self.last_eval
         self.engine.train()
         if self.wenlan.keys is not None and self.wenlan.keys.key is not None:
@@ -245,6 +292,11 @@ class Trainer:
             while micro_done < t.grad_accum_steps:
                 td = time.perf_counter()
                 batch = self._to_device(next(it))
+                if self._resume_rng is not None:
+                    # after the first fetch: building the DataLoader iterator draws from the global torch RNG,
+                    # which the uninterrupted run did at step 0, not here (dropout would differ otherwise)
+                    checkpoint.set_rng_state(self._resume_rng)
+                    self._resume_rng = None
                 window["data_wait"] = window.get("data_wait", 0.0) + time.perf_counter() - td
                 poison = t.inject_nan_at_step == self.step and self.rank == t.inject_nan_rank
                 out = self.wenlan.micro_step(batch, self.step, window, poison=poison)
@@ -274,21 +326,43 @@ class Trainer:
             if micro_done == t.grad_accum_steps and not self.wenlan.boundary(self.step, window):
                 self.skipped += 1
             self.step += 1
-            if self.step % t.log_every == 0 or self.step == last:
+            # a signal reaches the ranks at different moments: agree, so that all stop after this same step
+            stop = dist.any_rank(self.stop_request.signum is not None, self.device)
+            if self.step % t.log_every == 0 or self.step == last or stop:
                 self._log(window, sums, n_sum, win_start, win_samples)
                 window, sums, n_sum, win_start, win_samples = {}, {}, 0, time.perf_counter(), 0
+            if stop:
+                names = dist.all_gather_objects(self.stop_request.name)
+                self.stopped_by = next((n for n in names if n), "a signal")
+                break
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                 self.evaluate()
                 win_start = time.perf_counter()
             if self.step % t.save_every == 0 and self.step < t.steps:
                 self.save()
                 win_start = time.perf_counter()
-        results = self.evaluate() if self.step >= t.steps else {}
-        self.save()
+        del it  # stop the loader workers before the last save and evaluation
+        self.save()  # the final checkpoint comes before the final evaluation: a failing evaluation loses no work
+        results = self.evaluate() if self.step >= t.steps and not self.stopped_by else {}
         self.writer.close()
-        if self.step < t.steps:
+        if self.stopped_by:
+            log.info("stopped by %s after step %d of %d; checkpoint %s. Continue with the same command and "
+                     "--resume auto", self.stopped_by, self.step, t.steps, self.last_checkpoint)
+        elif self.step < t.steps:
             log.info("stopped at step %d of %d (train.stop_at); continue with --resume auto", self.step, t.steps)
         return results
+
+    def _final_eval_missing(self) -> bool:
+        if not self.cfg.data.val_shards:
+            return False
+        names = ["eval"] + (["eval_momentum"] if self.wenlan.keys is not None and self.wenlan.keys.key is not None
+                            else [])
+        missing = dist.broadcast_object(any(
+            not os.path.isfile(os.path.join(self.cfg.train.output_dir, n, f"step_{self.step:08d}.json"))
+            for n in names))
+        if missing and self.rank == 0:  # a partial evaluation of this step is logged again in full
+            truncate_metrics(self.cfg.train.output_dir, self.step, drop_eval_at_last=True)
+        return missing
 
     def _log(self, window, sums, n_sum, win_start, win_samples) -> None:
         elapsed = max(time.perf_counter() - win_start, 1e-9)
@@ -378,18 +452,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
+        """Collective. A step that already has a complete checkpoint is left as it is."""
         shared = {"keys": self.wenlan.state_dict(), "step": self.step, "samples": self.samples,
                   "skipped": self.skipped, "bad_in_row": self.bad_in_row}
         own = {"stream": self.stream.state_dict(), "rng": checkpoint.rng_state()}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, shared, own, self.cfg.train.keep_checkpoints)
-        log.info("saved checkpoint %s", os.path.join(self.ckpt_dir, tag))
-        return tag
+        path, written = checkpoint.save(self.engine, self.ckpt_dir, self.step, shared, own,
+                                        self.cfg.train.keep_checkpoints)
+        log.info("%s checkpoint %s", "saved" if written else "kept the complete", path)
+        self.last_checkpoint = path
+        return path
 
-    def _restore(self, tag: str) -> None:
-        shared, own = checkpoint.load(self.engine, self.ckpt_dir, tag)
+    def _restore(self, path: str) -> None:
+        shared, own = checkpoint.load(self.engine, path)
         self.wenlan.load_state_dict(shared["keys"])
         self.step, self.samples = shared["step"], shared["samples"]
         self.skipped, self.bad_in_row = shared["skipped"], shared["bad_in_row"]
         self.stream.load_state_dict(own["stream"])
-        checkpoint.set_rng_state(own["rng"])
-        log.info("resumed from %s at step %d", os.path.join(self.ckpt_dir, tag), self.step)
+        self._resume_rng = own["rng"]
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d", path, self.step)

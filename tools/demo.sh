@@ -12,6 +12,9 @@ if [ ! -f data/demo/tokenizer/tokenizer.json ]; then
   .venv/bin/python tools/build_tokenizer.py data/demo/shards/train --out data/demo/tokenizer
 fi
 rm -rf runs/demo   # the demo always starts fresh
+# a free port for the rendezvous: other distributed jobs on this machine may hold 29500 (MASTER_PORT=... overrides)
+port=${MASTER_PORT:-$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 start=$(date +%s)
-PATH="$PWD/.venv/bin:$PATH" deepspeed --num_gpus 2 launch/pretrain.py --config configs/pretrain/demo.yaml --resume never "$@"
+PATH="$PWD/.venv/bin:$PATH" deepspeed --num_gpus 2 --master_port "$port" launch/pretrain.py \
+  --config configs/pretrain/demo.yaml --resume never "$@"
 echo "[demo] pretraining took $(( $(date +%s) - start )) s; results in runs/demo (metrics.jsonl, eval/, tensorboard/, checkpoints/)"

@@ -23,8 +23,8 @@ def main(argv=None) -> int:
 
     try:
         out = export_checkpoint(args.run, args.out, tag=args.tag, which=args.encoders)
-    except (FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # CheckpointError, ConfigError included
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"exported {args.encoders} encoders of {args.run} to {out}")
     return 0

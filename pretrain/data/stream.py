@@ -25,7 +25,11 @@ Streams are infinite, so every rank takes the same number of steps whatever the 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -209,6 +213,38 @@ class _TrainBatches(IterableDataset):
             yield batch
 
 
+WORKER_GRACE_S = 20.0
+"""A loader worker lives this long after SIGTERM (see ``_worker_init``)."""
+
+
+def _exit_after_grace(signum, frame) -> None:
+    timer = threading.Timer(WORKER_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def _worker_init(worker_id: int) -> None:
+    """Launchers and schedulers signal the whole process tree. A worker dying at once would abort the training
+    process's current step and its last save (torch raises in the parent when a worker dies), so a worker
+    ignores SIGUSR1 and leaves only ``WORKER_GRACE_S`` after SIGTERM: time for the step and the save, and still
+    an end when the parent shuts it down (terminate) or is gone."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+
+
+def _worker_error(e: BaseException, rank: int) -> DataError:
+    """One line for an exception re-raised from a loader worker (torch puts the worker's whole traceback in the
+    message; it goes to the debug log)."""
+    text = str(e)
+    log.debug("data loader worker error:\n%s", text)
+    head = re.search(r"in DataLoader worker process (\d+)", text)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else type(e).__name__
+    last = re.sub(r"^pretrain\.data\.stream\.", "", last)
+    where = f"worker {head.group(1)}" if head else "a worker"
+    return DataError(f"rank {rank} data loader {where}: {last}")
+
+
 class ShardStream:
     """Infinite stream of training batches for one rank (module docstring: pipeline, determinism, resume).
 
@@ -263,8 +299,22 @@ class ShardStream:
         nw = self.num_workers
         loader = DataLoader(self._dataset(), batch_size=None, num_workers=nw, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=self.prefetch_factor if nw else None, persistent_workers=False,
-                            in_order=True, multiprocessing_context=self.multiprocessing_context if nw else None)
-        for batch in loader:
+                            in_order=True, multiprocessing_context=self.multiprocessing_context if nw else None,
+                            worker_init_fn=_worker_init if nw else None)
+        batches = iter(loader)
+        while True:
+            error = None
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # a worker's error: one line, not its whole traceback
+                if "Original Traceback" not in str(e):
+                    raise
+                error = _worker_error(e, self.rank)
+            if error is not None:  # raised here, holding neither the loader nor torch's exception: the
+                batches = None     # workers shut down now, not when the traceback is collected
+                raise error
             expected = self._batches % self._slots
             if batch["_worker"] != expected:
                 raise DataError(f"batch {self._batches} came from worker {batch['_worker']}, expected {expected}: "

@@ -1,4 +1,4 @@
-"""Train-stop-resume equals an uninterrupted run (ZeRO-2 and ZeRO-3, 2 processes); a killed save is
+"""Train-stop-resume equals an uninterrupted run (ZeRO-2 and ZeRO-3, 2 processes, dropout on); a killed save is
 never resumed from; a NaN injected on one rank skips that step on every rank and training goes on."""
 import json
 import os
@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from _tiny import SyntheticStream, free_port, set_dist_env, tiny_overrides, write_shards
+from _tiny import TINY_TEXT, SyntheticStream, free_port, set_dist_env, tiny_overrides, write_shards
+
+# the demo config's dropout (MiniLM's 0.1): exact resume must hold with it on
+DROPOUT_TEXT = TINY_TEXT.replace("hidden_dropout_prob: 0.0", "hidden_dropout_prob: 0.1").replace(
+    "attention_probs_dropout_prob: 0.0", "attention_probs_dropout_prob: 0.1")
 
 
 def worker(rank, world, port, overrides, resume, outfile, synthetic):
@@ -45,7 +49,8 @@ def test_stop_resume_equals_uninterrupted(stage, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     # real shards through the real loader (1 worker per rank, augmentation on): same data order after resume
     write_shards(str(tmp_path / "shards"), [13, 7, 0, 21], seed=3)
-    data = {"data.train_shards": str(tmp_path / "shards"), "data.num_workers": 1, "data.shuffle_buffer": 8}
+    data = {"data.train_shards": str(tmp_path / "shards"), "data.num_workers": 1, "data.shuffle_buffer": 8,
+            "model.text.config_overrides": DROPOUT_TEXT}
     a = run(tiny_overrides(full, stage, **{"train.steps": 2 * n}, **data), "never", tmp_path / "a", False)
     run(tiny_overrides(part, stage, **{"train.steps": 2 * n, "train.stop_at": n}, **data), "never",
         tmp_path / "b1", False)
