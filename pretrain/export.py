@@ -105,6 +105,13 @@ def export_checkpoint(run_dir: str, out_dir: str, tag: Optional[str] = None, whi
         tag = tags[-1]
     elif tag not in tags:
         raise FileNotFoundError(f"checkpoint {tag} is not a complete checkpoint of {ckpt_dir}; complete: {tags}")
+    if which == "momentum":
+        from .wenlan import key_towers_are_query
+
+        if cfg.wenlan.mode == "in_batch" or key_towers_are_query(cfg.wenlan):
+            why = "wenlan.mode=in_batch" if cfg.wenlan.mode == "in_batch" else "wenlan.momentum=0"
+            raise ValueError(f"run {run_dir} was trained with {why}: it has no momentum towers to export; "
+                             f"use --encoders query")
     weights = read_checkpoint_weights(ckpt_dir, tag, cfg.train.zero_stage, which)
     if which == "query":
         weights = _fill_buffers(weights, os.path.join(ckpt_dir, tag))

@@ -66,3 +66,23 @@ def test_momentum_zero_builds_no_key_towers_but_fills_the_queues(tmp_path):
     assert m0["filled"] == 2 * 2 * 4                                  # 2 steps x 2 ranks x 4 pairs
     names = checkpoint_tensor_names(out)
     assert [n for n in names if "queue" in n] and not [n for n in names if "/keys/key/" in n]
+
+
+def test_export_of_momentum_towers_without_any_is_one_line_error(tmp_path):
+    """``tools/export.py --encoders momentum`` on an in_batch run: one line naming the mode, exit 2."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out_ib, _ = run(tmp_path, "in_batch")
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--run", out_ib,
+                        "--out", str(tmp_path / "exp"), "--encoders", "momentum"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "wenlan.mode=in_batch" in lines[0] and "--encoders query" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--run", out_ib,
+                        "--out", str(tmp_path / "exp"), "--encoders", "query"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
