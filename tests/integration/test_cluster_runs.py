@@ -57,8 +57,8 @@ class Launch:
                 cmd, parent = p.cmdline(), p.parent().cmdline()
             except (psutil.Error, AttributeError):
                 continue
-            if any(c.endswith("pretrain.py") for c in parent):
-                continue  # a loader worker
+            if any(c.startswith("--local_rank=") for c in parent):
+                continue  # a loader worker (its parent is a rank)
             for r in (0, 1):
                 if f"--local_rank={r}" in cmd and any(c.endswith("pretrain.py") for c in cmd):
                     out[r] = p
