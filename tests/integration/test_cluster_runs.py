@@ -46,6 +46,7 @@ class Launch:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def ranks(self):
+        """The two rank processes (not their loader workers, which are forks with the same command line)."""
         try:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -53,20 +54,23 @@ class Launch:
         out = {}
         for p in kids:
             try:
-                cmd = p.cmdline()
-            except psutil.Error:
+                cmd, parent = p.cmdline(), p.parent().cmdline()
+            except (psutil.Error, AttributeError):
                 continue
+            if any(c.startswith("--local_rank=") for c in parent):
+                continue  # a loader worker (its parent is a rank)
             for r in (0, 1):
                 if f"--local_rank={r}" in cmd and any(c.endswith("pretrain.py") for c in cmd):
                     out[r] = p
         return out
 
     def wait_all(self, timeout=900):
-        """Wait for the launcher and every process under it."""
-        procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+        """Wait for the launcher and every process under it; the launcher's exit code."""
+        procs = psutil.Process(self.proc.pid).children(recursive=True)
+        rc = self.proc.wait(timeout=timeout)  # (reaped by subprocess, not psutil: keeps the exit code)
         _, alive = psutil.wait_procs(procs, timeout=timeout)
         assert not alive, f"still running after {timeout} s: {alive}\n{self.output()[-3000:]}"
-        return self.proc.wait()
+        return rc
 
     def output(self):
         return open(self.log).read()

@@ -83,3 +83,18 @@ def test_resolve_and_prune_never_touch_a_complete_checkpoint_early(tmp_path):
         checkpoint.resolve_resume(str(ck), "step_00000006")  # incomplete
     checkpoint.prune(str(ck), keep=1)
     assert sorted(os.listdir(ck)) == ["step_00000004", "step_00000006"]  # a newer incomplete save is left alone
+
+
+def test_truncate_metrics_keeps_each_step_once(tmp_path):
+    import json
+
+    from pretrain.metrics import truncate_metrics
+
+    recs = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4, 5)] + [{"step": 3, "eval/t2i_hit@1": 0.5}]
+    text = "".join(json.dumps(r) + "\n" for r in recs) + '{"step": 6, "lo'  # a line cut by a kill
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert truncate_metrics(str(tmp_path), 3) == 3
+    kept = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert kept == recs[:3] + recs[5:]
+    assert truncate_metrics(str(tmp_path), 3, drop_eval_at_last=True) == 1
+    assert [json.loads(l) for l in open(tmp_path / "metrics.jsonl")] == recs[:3]
