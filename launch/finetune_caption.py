@@ -13,7 +13,10 @@ import os
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import _launch_path  # noqa: F401  (launch/_launch_path.py: this folder's name clash, handled once)
+except ImportError:  # imported by file path (tests): the package is importable already
+    pass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
