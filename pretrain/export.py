@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import yaml
@@ -92,8 +92,6 @@ def _fill_buffers(weights: Dict[str, torch.Tensor], ckpt_path: str) -> Dict[str,
 
 def export_checkpoint(run_dir: str, out_dir: str, tag: Optional[str] = None, which: str = "query") -> str:
     """Write an export from ``run_dir/checkpoints/<tag>`` (default: the newest complete one)."""
-    from safetensors.torch import save_file
-
     from .checkpoint import complete_tags
 
     cfg: RunConfig = load_config(os.path.join(run_dir, "config.yaml"))
@@ -120,22 +118,49 @@ def export_checkpoint(run_dir: str, out_dir: str, tag: Optional[str] = None, whi
     missing = [m for m in missing if "num_batches_tracked" not in m]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
-    image_state = {k: v.contiguous() for k, v in towers.image.state_dict().items()}
-    text_state = {k: v.contiguous() for k, v in towers.text.state_dict().items()}
-    save_file(image_state, os.path.join(out_dir, "image_tower.safetensors"))
-    save_file(text_state, os.path.join(out_dir, "text_tower.safetensors"))
-    towers.text.encoder.config.save_pretrained(os.path.join(out_dir, "text"))
-    build_tokenizer(cfg.model.text).save_pretrained(os.path.join(out_dir, "text"))
-    model_cfg = dataclasses.asdict(cfg.model)
-    model_cfg["text"].update({"name_or_path": "text", "tokenizer": None, "pretrained": False, "config_overrides": {}})
-    model_cfg["image"]["weights"] = None
-    with open(os.path.join(out_dir, "model.yaml"), "w") as f:
-        yaml.safe_dump(model_cfg, f, sort_keys=False, allow_unicode=True)
     step = int(tag.split("_")[-1])
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
-        json.dump({"run_dir": os.path.abspath(run_dir), "checkpoint": tag, "step": step, "encoders": which,
-                   "zero_stage": cfg.train.zero_stage}, f, indent=1)
+    write_export(towers, dataclasses.replace(cfg.model, activation_checkpointing=False),
+                 build_tokenizer(cfg.model.text), out_dir,
+                 provenance={"run_dir": os.path.abspath(run_dir), "checkpoint": tag, "step": step,
+                             "encoders": which, "zero_stage": cfg.train.zero_stage})
+    return out_dir
+
+
+def write_image_side(image: torch.nn.Module, model_cfg: ModelConfig, out_dir: str) -> Dict[str, Any]:
+    """``image_tower.safetensors`` and ``model.yaml`` (the text side described as the ``text/`` folder of
+    the export); returns the ``model.yaml`` data."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in image.state_dict().items()},
+              os.path.join(out_dir, "image_tower.safetensors"))
+    data = dataclasses.asdict(model_cfg)
+    data["text"].update({"name_or_path": "text", "tokenizer": None, "pretrained": False, "config_overrides": {}})
+    data["image"]["weights"] = None
+    data["activation_checkpointing"] = False
+    with open(os.path.join(out_dir, "model.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
+    return data
+
+
+def write_export(towers: torch.nn.Module, model_cfg: ModelConfig, tokenizer, out_dir: str,
+                 provenance: Optional[Dict[str, Any]] = None) -> str:
+    """The one export writer: ``towers`` (``.image`` ImageTower, ``.text`` TextTower) as an export directory
+    that ``load_export`` reads back; ``model_cfg`` describes the towers; ``provenance`` goes to export.json."""
+    from safetensors.torch import save_file
+
+    from .models import TextTower
+
+    if not isinstance(towers.text, TextTower):
+        raise TypeError("write_export writes transformer text towers; GRU models are saved by save_vse_export")
+    write_image_side(towers.image, model_cfg, out_dir)
+    os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in towers.text.state_dict().items()},
+              os.path.join(out_dir, "text_tower.safetensors"))
+    towers.text.encoder.config.save_pretrained(os.path.join(out_dir, "text"))
+    tokenizer.save_pretrained(os.path.join(out_dir, "text"))
+    with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(provenance or {"source": "write_export"}), f, indent=1)
     return out_dir
 
 

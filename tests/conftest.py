@@ -21,11 +21,11 @@ def tiny_model_config(image_name: str = "test_resnet", image_size: int = 32, emb
 def export_random_model(model_cfg: ModelConfig, out_dir: str, seed: int = 0) -> str:
     """An export of an untrained DualEncoder built from ``model_cfg``."""
     from pretrain.models import DualEncoder, build_tokenizer
-    from pretrain.vse.model import export_model
+    from pretrain.export import write_export
 
     torch.manual_seed(seed)
     towers = DualEncoder(model_cfg)
-    return export_model(towers, model_cfg, build_tokenizer(model_cfg.text), out_dir,
+    return write_export(towers, model_cfg, build_tokenizer(model_cfg.text), out_dir,
                         provenance={"source": "export_random_model", "seed": seed})
 
 

@@ -24,7 +24,8 @@ import torch.nn as nn
 import yaml
 
 from ..config import ModelConfig, _build
-from ..models import ImageTower, Pooling, TextTower, build_tokenizer, image_transform, projection
+from ..export import write_export, write_image_side
+from ..models import ImageTower, Pooling, TextTower, image_transform, projection
 from .config import VSEModelConfig
 from ..vocab import WordVocab
 from .text_gru import GRUTextEncoder
@@ -107,40 +108,6 @@ def read_model_yaml(export_dir: str) -> ModelConfig:
     return _build(ModelConfig, data, "model.")
 
 
-def _write_image_side(image: ImageTower, model_cfg: ModelConfig, out_dir: str) -> Dict[str, Any]:
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in image.state_dict().items()},
-              os.path.join(out_dir, "image_tower.safetensors"))
-    data = dataclasses.asdict(model_cfg)
-    data["text"].update({"name_or_path": "text", "tokenizer": None, "pretrained": False, "config_overrides": {}})
-    data["image"]["weights"] = None
-    data["activation_checkpointing"] = False
-    with open(os.path.join(out_dir, "model.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
-    return data
-
-
-def export_model(towers: nn.Module, model_cfg: ModelConfig, tokenizer, out_dir: str,
-                 provenance: Optional[Dict[str, Any]] = None) -> str:
-    """Write ``towers`` (``.image`` ImageTower, ``.text`` TextTower) in the export format of ``pretrain.export``
-    (``load_export`` reads it back). ``model_cfg`` must describe the towers; ``provenance`` goes to export.json."""
-    from safetensors.torch import save_file
-
-    if not isinstance(towers.text, TextTower):
-        raise TypeError("export_model writes transformer text towers; GRU models are saved by save_vse_export")
-    _write_image_side(towers.image, model_cfg, out_dir)
-    os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in towers.text.state_dict().items()},
-              os.path.join(out_dir, "text_tower.safetensors"))
-    towers.text.encoder.config.save_pretrained(os.path.join(out_dir, "text"))
-    tokenizer.save_pretrained(os.path.join(out_dir, "text"))
-    with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(provenance or {"source": "export_model"}), f, indent=1)
-    return out_dir
-
-
 def save_vse_export(model: VSEModel, model_cfg: ModelConfig, tokenizer, out_dir: str, max_length: int,
                     meta: Optional[Dict[str, Any]] = None) -> str:
     """Save a VSE model as an export directory (+ ``vse.json``: text encoder kind, max_length, ``meta``).
@@ -155,9 +122,9 @@ def save_vse_export(model: VSEModel, model_cfg: ModelConfig, tokenizer, out_dir:
     shutil.rmtree(tmp, ignore_errors=True)
     info: Dict[str, Any] = {"text_encoder": model.text_kind, "max_length": max_length, **(meta or {})}
     if model.text_kind == "transformer":
-        export_model(model, model_cfg, tokenizer, tmp, provenance={"source": "vse", **(meta or {})})
+        write_export(model, model_cfg, tokenizer, tmp, provenance={"source": "vse", **(meta or {})})
     else:
-        _write_image_side(model.image, model_cfg, tmp)
+        write_image_side(model.image, model_cfg, tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.text.state_dict().items()},
                   os.path.join(tmp, "text_gru.safetensors"))
         tokenizer.save(os.path.join(tmp, "vocab.json"))
