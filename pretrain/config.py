@@ -7,7 +7,6 @@ the run directory as ``config.yaml``.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 

@@ -14,16 +14,15 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from . import checkpoint, dist
-from .config import RunConfig, save_config
-from .metrics import MetricsWriter, set_aside_old_metrics, setup_logging, truncate_metrics
+from .config import RunConfig
+from .metrics import MetricsWriter, set_aside_old_metrics, truncate_metrics
 from .models import build_tokenizer, image_transform, momentum_copy
-from .runtime import adamw
+from .runtime import adamw, deepspeed_config, start_run
 from .wenlan import WenLanModel, WenLanStep, key_towers_are_query, momentum_at
 
 log = logging.getLogger("pretrain")
@@ -67,46 +66,10 @@ class StopRequest:
 
 
 def derive_deepspeed_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed config follows from the run config; a user JSON fragment may add settings."""
+    """The DeepSpeed config of a pretraining run (``runtime.deepspeed_config``, with the fragment checks)."""
     t = cfg.train
-    ds: Dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-    }
-    if t.deepspeed_config:
-        with open(t.deepspeed_config) as f:
-            extra = json.load(f)
-        for forbidden in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                          "optimizer", "scheduler"):
-            if forbidden in extra:
-                raise ValueError(f"{t.deepspeed_config}: '{forbidden}' is derived from the run config "
-                                 f"(train.micro_batch_size, train.grad_accum_steps, optim.*); remove it from the JSON")
-        stage = extra.get("zero_optimization", {}).get("stage", t.zero_stage)
-        if stage != t.zero_stage:
-            raise ValueError(f"{t.deepspeed_config}: zero_optimization.stage {stage} contradicts train.zero_stage "
-                             f"{t.zero_stage}; set the stage with train.zero_stage and drop it from the JSON")
-        for name in ("bf16", "fp16"):
-            enabled = extra.get(name, {}).get("enabled")
-            if enabled is not None and bool(enabled) != (t.precision == name):
-                raise ValueError(f"{t.deepspeed_config}: {name}.enabled={enabled} contradicts train.precision="
-                                 f"{t.precision}; choose the precision with train.precision")
-        ds = _deep_merge(ds, extra)
-    return ds
-
-
-def _deep_merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deepspeed_config(t.micro_batch_size, t.grad_accum_steps, world_size, cfg.optim.grad_clip, t.zero_stage,
+                            t.precision, t.deepspeed_config)
 
 
 def param_groups(model: WenLanModel, cfg: RunConfig) -> List[Dict[str, Any]]:
@@ -181,21 +144,10 @@ class Trainer:
         self.stop_request = StopRequest()
         self.stop_request.install()  # before the slow start-up: a signal then still ends in a clean stop
         self.stopped_by: Optional[str] = None  # signal name when the run stopped early on a signal
-        dev = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
-        dist.init_distributed(dev)
-        self.rank, self.world = dist.rank(), dist.world_size()
-        setup_logging(self.rank)
-        if dev == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device("cpu")
-        if dev == "cpu" and t.precision != "fp32":
-            log.warning("train.precision=%s on CPU: bf16/fp16 are for GPUs (bf16 was measured 20x slower "
-                        "than fp32 on CPU); use train.precision=fp32", t.precision)
         self.ckpt_dir = os.path.join(t.output_dir, "checkpoints")
-        if self.rank == 0:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
-        dist.barrier()
+        run = start_run(cfg, t.device, t.precision, t.output_dir, make_dirs=[self.ckpt_dir],
+                        set_aside_metrics=False)  # a resumed run keeps (and truncates) its own metrics.jsonl
+        self.device, self.rank, self.world, self.autocast = run.device, run.rank, run.world, run.autocast
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = WenLanModel(cfg.model, cfg.wenlan)
@@ -210,8 +162,6 @@ class Trainer:
         checkpoint.install_safe_engine(self.engine)  # DeepSpeed's own load: weights_only=True
         if t.zero_stage == 3:
             share_fp32_master_partitions(self.engine.optimizer)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
-                         if dev == "cuda" and t.precision != "fp32" else nullcontext())
         self.wenlan = WenLanStep(self.engine, cfg.wenlan, key, cfg.model.embed_dim, self.device, self.autocast,
                                  total_steps=t.steps, zero_stage=t.zero_stage)
 

@@ -27,8 +27,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import dist
-from ..config import save_config
-from ..metrics import MetricsWriter, set_aside_old_metrics, setup_logging
+from ..metrics import MetricsWriter
 from .cider import cider_d
 from .config import CaptionRunConfig
 from .data import CaptionDataset, CaptionUnit, collate, split_units
@@ -37,7 +36,7 @@ from .decoding import DecodeRules, decode, sequences_to_lists
 from .losses import doubly_stochastic, label_smoothed_nll, scheduled_sampling_prob
 from .metrics import score_many, tokenize
 from ..models import image_transform
-from ..runtime import adamw
+from ..runtime import adamw, deepspeed_config, start_run
 from .model import CaptionModel, build_model, load_towers, save_model_dir
 from .scst import CiderReward, scst_step
 from ..vocab import WordVocab, sentence_tokens
@@ -82,12 +81,7 @@ class TrainStep(nn.Module):
 
 def derive_deepspeed_config(cfg: CaptionRunConfig, batch_size: int, world: int) -> Dict[str, Any]:
     t = cfg.train
-    return {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
-            "train_batch_size": batch_size * world, "gradient_clipping": cfg.xe.grad_clip,
-            "zero_optimization": {"stage": t.zero_stage}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
-            "bf16": {"enabled": t.precision == "bf16"},
-            "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}}
+    return deepspeed_config(batch_size, 1, world, cfg.xe.grad_clip, t.zero_stage, t.precision)
 
 
 def schedule(warmup: int, total: int, floor: float, start: int = 0):
@@ -127,21 +121,8 @@ class CaptionTrainer:
     def __init__(self, cfg: CaptionRunConfig):
         self.cfg = cfg
         t = cfg.train
-        dev = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
-        dist.init_distributed(dev)
-        self.rank, self.world = dist.rank(), dist.world_size()
-        setup_logging(self.rank)
-        if dev == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device("cpu")
-        if dev == "cpu" and t.precision != "fp32":
-            log.warning("train.precision=%s on CPU: 16-bit is for GPUs (bf16 was measured 20x slower than fp32 on "
-                        "CPU); use train.precision=fp32", t.precision)
-        if self.rank == 0:
-            os.makedirs(t.output_dir, exist_ok=True)
-            save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
-            set_aside_old_metrics(t.output_dir)  # a new run in an old directory: keep the old log aside
-        dist.barrier()
+        run = start_run(cfg, t.device, t.precision, t.output_dir)
+        self.device, self.rank, self.world, self.autocast = run.device, run.rank, run.world, run.autocast
         torch.manual_seed(t.seed)
 
         d = cfg.data

@@ -18,22 +18,20 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .. import dist
-from ..config import save_config
 from ..eval.embed import embed_karpathy, embed_shards
 from ..eval.retrieval import build_pairs, coco_1k_5fold, pair_retrieval_metrics, vse_metrics
-from ..metrics import MetricsWriter, set_aside_old_metrics, setup_logging
+from ..metrics import MetricsWriter
 from .config import VSERunConfig
 from ..data.karpathy import read_karpathy, training_splits
 from .data import CaptionPairs, caption_collate
 from .losses import hinge_loss, info_nce_loss, similarity_stats
 from ..models import image_transform
-from ..runtime import adamw
+from ..runtime import adamw, deepspeed_config, start_run
 from .model import VSEModel, build_vse_model, load_vse_export, save_vse_export
 from ..vocab import WordVocab
 
@@ -45,18 +43,7 @@ ROLES = ("image_backbone", "text_backbone", "head")
 
 def derive_deepspeed_config(cfg: VSERunConfig, world_size: int) -> Dict[str, Any]:
     t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": t.batch_size * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-    }
+    return deepspeed_config(t.batch_size, 1, world_size, cfg.optim.grad_clip, t.zero_stage, t.precision)
 
 
 def role_lr(cfg: VSERunConfig, role: str) -> float:
@@ -85,22 +72,8 @@ class VSETrainer:
 
         self.cfg = cfg
         t, d, m = cfg.train, cfg.data, cfg.model
-        dev = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
-        dist.init_distributed(dev)
-        self.rank, self.world = dist.rank(), dist.world_size()
-        setup_logging(self.rank)
-        if dev == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device("cpu")
-        if self.rank == 0:
-            os.makedirs(t.output_dir, exist_ok=True)
-            save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
-            moved = set_aside_old_metrics(t.output_dir)
-            if moved:
-                log.info("%s holds an earlier run's metrics.jsonl: kept as %s", t.output_dir, os.path.basename(moved))
-        dist.barrier()
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)
-                         if dev == "cuda" and t.precision != "fp32" else nullcontext())
+        run = start_run(cfg, t.device, t.precision, t.output_dir)
+        self.device, self.rank, self.world, self.autocast = run.device, run.rank, run.world, run.autocast
 
         # ---------------------------------------------------------------- data (fails early on bad input)
         self.val_images = self.test_images = None
