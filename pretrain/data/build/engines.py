@@ -119,8 +119,10 @@ class SparkEngine:
     name = "spark"
 
     def __init__(self, work: str, master: str | None, shuffle_partitions: int | None = None):
+        from pyspark import SparkContext
         from pyspark.sql import SparkSession
 
+        self.owned = SparkContext._active_spark_context is None  # else spark-submit's or the caller's session
         if master and master.startswith("local"):
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -129,7 +131,8 @@ class SparkEngine:
             builder = builder.master(master)
         if master and master.startswith("local"):
             builder = (builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions or 8))
-                       .config("spark.ui.enabled", "false").config("spark.driver.memory", "1g"))
+                       .config("spark.ui.enabled", "false").config("spark.driver.memory", "1g")
+                       .config("spark.ui.showConsoleProgress", "false"))
         self.spark = builder.getOrCreate()
         self.spark.sparkContext.setLogLevel("ERROR")
         self.work = work
@@ -181,7 +184,23 @@ class SparkEngine:
         self.spark.createDataFrame(rdd, schema).write.mode("overwrite").parquet(self._spark_url(folder))
 
     def close(self) -> None:
+        """Drop the cached tables; a session this engine started is stopped and its JVM waited for (so that
+        its CPU time is accounted to this process, and a later build starts a fresh one)."""
+        from pyspark import SparkContext
+
         self.spark.catalog.clearCache()
+        if not self.owned:
+            return
+        self.spark.stop()
+        gateway = SparkContext._gateway
+        proc = getattr(gateway, "proc", None)
+        if gateway is not None:
+            gateway.shutdown()
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait(timeout=120)
+        SparkContext._gateway = None
+        SparkContext._jvm = None
 
 
 def make_engine(options, work: str, pool):
