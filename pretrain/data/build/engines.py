@@ -78,7 +78,7 @@ class LocalEngine:
             self.con.remove_function("shuffle_key")
         except Exception:  # noqa: BLE001 - not registered yet
             pass
-        varchar = duckdb.sqltype("VARCHAR")
+        varchar = duckdb.sqltype("VARCHAR") if hasattr(duckdb, "sqltype") else duckdb.typing.VARCHAR
         self.con.create_function("shuffle_key", key, [varchar, varchar], varchar, type="arrow")
 
     def examine(self, params: tuple, folder: str, progress: Callable) -> None:
