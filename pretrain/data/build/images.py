@@ -117,16 +117,40 @@ def examine_image(task):
     return (ref, "ok", sha1, image_hash(data), w, h, out.size[0], out.size[1], len(jpg), 1, None)
 
 
-def cached_jpeg(cache_dir: str, sha1: str, size: int):
-    """The planned JPEG from the cache, or None when it is not there (then ``render_image`` makes it again)."""
-    if not cache_dir:
-        return None
-    try:
-        with fsspec.open(cache_path(cache_dir, sha1), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    return data if len(data) == size else None
+class JpegCache:
+    """Reads the planned JPEGs from ``cache_dir`` (the filesystem resolved once), keeping up to ``max_bytes``
+    of them in memory: a shard uses an image once per pair."""
+
+    def __init__(self, cache_dir: str, max_bytes: int = 64 << 20):
+        self.fs, self.root = fsspec.core.url_to_fs(cache_dir) if cache_dir else (None, None)
+        self.local = self.fs is not None and "file" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list))
+                                                        else (self.fs.protocol,))
+        self.max_bytes, self.bytes, self.held = max_bytes, 0, {}
+
+    def get(self, sha1: str, size: int):
+        """The planned JPEG, or None when the cache lacks it (then ``render_image`` makes it again)."""
+        data = self.held.get(sha1)
+        if data is not None:
+            return data
+        if self.fs is None:
+            return None
+        path = cache_path(self.root, sha1)
+        try:
+            if self.local:
+                with open(path, "rb") as f:
+                    data = f.read()
+            else:
+                data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        if len(data) != size:
+            return None
+        if self.bytes + size > self.max_bytes:
+            self.held.clear()
+            self.bytes = 0
+        self.held[sha1] = data
+        self.bytes += size
+        return data
 
 
 def render_image(task):

@@ -81,7 +81,9 @@ def parse_file(task):
     rows = blank = 0
     has_ts = False
     buf = {c: [] for c in COLUMNS}
-    split_cache = {}
+    split_cache, refs = {}, {}  # bounded caches: queries and image strings repeat across rows
+    (b_loc, b_reason, b_qnorm, b_qlen, b_split, b_ref, b_path, b_query, b_clicks, b_impr, b_qid, b_iid,
+     b_ts) = (buf[c].append for c in COLUMNS)
     sch = schema()
     with fsspec.open(task["dest"] + ".tmp", "wb") as f:
         writer = pq.ParquetWriter(f, sch)
@@ -117,9 +119,17 @@ def parse_file(task):
                 if isinstance(q, bool) or not isinstance(q, (str, int, float)):
                     raise BadRow("bad_field_type")
                 q = str(q)
-                ref, image_path = canonical_image_ref(rec.get(cols["image"]), base_dir)
-                clicks = parse_count(rec.get(cols["clicks"]))
-                impressions = parse_count(rec.get(cols["impressions"]))
+                image = rec.get(cols["image"])
+                resolved = refs.get(image) if isinstance(image, str) else None
+                if resolved is None:
+                    resolved = canonical_image_ref(image, base_dir)
+                    if isinstance(image, str) and len(image) < 1024:
+                        if len(refs) > 100000:
+                            refs.clear()
+                        refs[image] = resolved
+                ref, image_path = resolved
+                clicks = _count(rec.get(cols["clicks"]))
+                impressions = _count(rec.get(cols["impressions"]))
                 qnorm = normalize_query(q)
                 if not qnorm:
                     raise BadRow("missing_field")
@@ -133,19 +143,32 @@ def parse_file(task):
                 if len(split_cache) > 100000:
                     split_cache.clear()
                 split = split_cache[qnorm] = split_of(qnorm, val_fraction)
-            for c, v in (("loc", loc), ("reason", None), ("qnorm", qnorm), ("qlen", len(qnorm)),
-                         ("split_name", split), ("ref", ref), ("image_path", image_path or ""), ("query", q),
-                         ("clicks", 1 if clicks is None else clicks),
-                         ("impressions", 0 if impressions is None else impressions),
-                         ("qid", _json(parse_id(rec.get(cols["query_id"])))),
-                         ("iid", _json(parse_id(rec.get(cols["image_id"])))),
-                         ("ts", json.dumps(_ts(rec.get(cols["timestamp"])), ensure_ascii=False))):
-                buf[c].append(v)
+            ts = rec.get(cols["timestamp"])
+            qid, iid = rec.get(cols["query_id"]), rec.get(cols["image_id"])
+            b_loc(loc)
+            b_reason(None)
+            b_qnorm(qnorm)
+            b_qlen(len(qnorm))
+            b_split(split)
+            b_ref(ref)
+            b_path(image_path or "")
+            b_query(q)
+            b_clicks(1 if clicks is None else clicks)
+            b_impr(0 if impressions is None else impressions)
+            b_qid(None if qid is None else _json(parse_id(qid)))
+            b_iid(None if iid is None else _json(parse_id(iid)))
+            b_ts("null" if ts is None else json.dumps(_ts(ts), ensure_ascii=False))
         flush()
         writer.close()
     fs, path = fsspec.core.url_to_fs(task["dest"])
     fs.mv(path + ".tmp", path)
     return {"file": fi, "rows": rows, "blank": blank, "has_timestamp": has_ts}
+
+
+def _count(value):
+    if isinstance(value, str) and value.isdigit() and value.isascii():
+        return int(value)
+    return parse_count(value)
 
 
 def _ts(value):

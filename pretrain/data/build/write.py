@@ -17,7 +17,7 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import tar
-from .images import cached_jpeg, render_image
+from .images import JpegCache, render_image
 from .inputs import is_local
 from .options import BuildError, BuildOptions, plan_options
 from .plan import SPLITS
@@ -151,10 +151,11 @@ def write_shard(task: dict) -> dict:
     with fs.open(shard_rows_path(root, split, task["index"]), "rb") as f:
         rows = pq.read_table(f).to_pylist()
     out = {"shard": f"{split}/{name}", "error": None, "samples": 0, "fetches": 0, "encodes": 0}
+    cache = JpegCache(task["cache"])
     with fs.open(tmp, "wb") as f:
         writer = tar.open_writer(f)
         for j, row in enumerate(rows):
-            jpg = cached_jpeg(task["cache"], row["sha1"], row["jpg_size"])
+            jpg = cache.get(row["sha1"], row["jpg_size"])
             if jpg is None:
                 out["fetches"] += 1
                 out["encodes"] += 1
