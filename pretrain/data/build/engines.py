@@ -139,7 +139,10 @@ class SparkEngine:
 
     @staticmethod
     def _spark_url(url: str) -> str:
-        return url if "://" in url[:32] else "file://" + os.path.abspath(url)
+        """The URL Spark's Hadoop filesystems read (fsspec's ``s3://`` is Hadoop's ``s3a://``)."""
+        if "://" not in url[:32]:
+            return "file://" + os.path.abspath(url)
+        return "s3a://" + url[5:] if url.startswith("s3://") else url
 
     def map(self, fn: Callable, tasks: list, chunksize: int = 1) -> Iterator:
         if not tasks:
