@@ -4,9 +4,10 @@
     report = build(BuildOptions(inputs=["logs/*.tsv"], out="shards", val_fraction=0.01))
 
 Modules, in the order a build uses them: ``options`` (the typed options), ``inputs`` (listing and reading
-the logs, parsing fields), ``images`` (reading, examining and rendering images), ``plan`` (read ->
-normalise -> aggregate -> examine -> dedup -> filter -> shuffle -> split -> assign shards), ``write``
-(plan file, shards, sizes.json). The shard layout, the query normalisation and the ids are those of
+the logs, parsing fields), ``rows`` (one log file -> a Parquet table of parsed rows), ``images`` (fetching,
+examining, encoding and caching images), ``sql`` (the relational plan, one SQL text for both engines),
+``engines`` (DuckDB and Spark), ``plan`` (the steps in order; numbering, splitting and cutting shards),
+``write`` (plan files, shards, sizes.json). The shard layout, the query normalisation and the ids are those of
 ``pretrain.data.ids`` and ``pretrain.data.tar``, which the loader and the inspector read with.
 
 Two passes, everything deterministic from the inputs and the options, on one of two engines

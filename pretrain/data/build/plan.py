@@ -23,12 +23,12 @@ import json
 from typing import Callable, Dict, List
 
 from .. import tar
+from ..ids import query_hash
 from . import sql
 from .images import IMAGE_REASONS
 from .inputs import BAD_ROW_REASONS
 from .options import BuildOptions
 from .rows import columns_of, parse_file, split_loc
-from ..ids import query_hash
 
 SPLITS = ("train", "val")
 BAD_REASONS = BAD_ROW_REASONS + IMAGE_REASONS
