@@ -393,7 +393,8 @@ def mode_build_log(args, overrides) -> Dict[str, Any]:
         shutil.rmtree(out_dir, ignore_errors=True)
         img = report["images"]
         r = {**run, "input_rows": report["input_rows"], "samples": report["accounting"]["written_samples"],
-             "distinct_images": img["distinct_references"], "image_fetches": img["fetches"] + report["run"]["write_fetches"],
+             "distinct_images": img["distinct_references"],
+             "image_fetches": img["fetches"] + report["run"]["write_fetches"],
              "image_encodes": img["encodes"] + report["run"]["write_encodes"],
              "bad_rows": report["accounting"]["bad_rows"], "peak_rss_mib": report["run"]["peak_rss"],
              "time_s": report["run"]["time_s"]}

@@ -146,7 +146,8 @@ def test_ustar_writer_matches_tarfile():
         with tarfile.open(fileobj=ref, mode="w|", format=tarfile.USTAR_FORMAT) as t:
             for name, data in members:
                 info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
                 t.addfile(info, io.BytesIO(data))
         got = io.BytesIO()
         w = tar.open_writer(got)

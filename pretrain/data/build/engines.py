@@ -93,7 +93,8 @@ class LocalEngine:
         tasks = ((row[0],) + params for row in self.stream(f"SELECT ref FROM ({DISTINCT_REFS}) t"))
         workers = getattr(self.pool, "_processes", 1) if self.pool else 1
         chunk = max(1, min(64, total // (8 * workers) or 1))
-        results = self.pool.imap_unordered(examine_image, tasks, chunksize=chunk) if self.pool else map(examine_image, tasks)
+        results = (self.pool.imap_unordered(examine_image, tasks, chunksize=chunk) if self.pool
+                   else map(examine_image, tasks))
         path = os.path.join(folder, "part-000000.parquet")
         buf = []
         with pq.ParquetWriter(path + ".tmp", schema) as writer, progress(desc="examine images", unit=" img",

@@ -72,7 +72,8 @@ class BuildOptions:
     """What runs the plan: ``local`` (DuckDB in this process, out of core; image work in ``workers``
     processes) or ``spark`` (PySpark; image work in executors). Both give byte-identical shards."""
     spark_master: Optional[str] = None
-    """Spark master (``local[N]``, ``yarn``, ``spark://...``, ``k8s://...``); None: spark-submit's, else Spark's default."""
+    """Spark master (``local[N]``, ``yarn``, ``spark://...``, ``k8s://...``); None: spark-submit's, else
+    Spark's default."""
     memory_limit: str = "512MB"
     """Local engine: DuckDB's memory limit; beyond it joins, aggregations and sorts spill to ``OUT/_work``."""
     overwrite: bool = False

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .. import tar
 from .images import JpegCache, render_image
@@ -24,7 +24,8 @@ from .plan import SPLITS
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 3  # 3: plan rows per shard, JPEG cache; 2: ids of pretrain.data.ids (the loader's), query normalisation lower-cases every script
+PLAN_VERSION = 3  # 3: plan rows per shard, JPEG cache; 2: ids of pretrain.data.ids (the loader's), query
+#                   normalisation lower-cases every script
 PLAN_FILE = "_plan.json"
 PAIRS_FILE = "_plan_pairs"
 WORK_DIR = "_work"
@@ -134,7 +135,8 @@ def pending_shards(fs, root: str, shards) -> Tuple[List[Tuple[str, int]], int]:
 def shard_tasks(options: BuildOptions, url: str, work: str, shards, pending) -> List[dict]:
     o = options
     return [{"url": url, "split": s, "index": i, "name": shards[s][i]["name"], "bytes": shards[s][i]["bytes"],
-             "count": shards[s][i]["count"], "cache": f"{work}/jpg", "render": (o.resize, o.resize_mode, o.jpeg_quality),
+             "count": shards[s][i]["count"], "cache": f"{work}/jpg",
+             "render": (o.resize, o.resize_mode, o.jpeg_quality),
              "crash_half": False} for s, i in pending]
 
 
