@@ -196,6 +196,8 @@ class SparkEngine:
         if not self.owned:
             return
         self.spark.stop()
+        if os.environ.get("PYSPARK_GATEWAY_PORT"):  # under spark-submit: the JVM is our parent, not ours to end
+            return
         gateway = SparkContext._gateway
         proc = getattr(gateway, "proc", None)
         if gateway is not None:
