@@ -132,7 +132,7 @@ class SparkEngine:
             builder = builder.master(master)
         if master and master.startswith("local"):
             builder = (builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions or 8))
-                       .config("spark.ui.enabled", "false").config("spark.driver.memory", "1g")
+                       .config("spark.ui.enabled", "false").config("spark.driver.memory", "2g")
                        .config("spark.ui.showConsoleProgress", "false"))
         self.spark = builder.getOrCreate()
         self.spark.sparkContext.setLogLevel("ERROR")
@@ -157,14 +157,15 @@ class SparkEngine:
     def create(self, name: str, statement: str) -> None:
         from pyspark import StorageLevel
 
-        df = self.spark.sql(statement).persist(StorageLevel.MEMORY_AND_DISK)
+        # on disk: with local[N] the executors share the driver's heap, which the streamed results need
+        df = self.spark.sql(statement).persist(StorageLevel.DISK_ONLY)
         df.createOrReplaceTempView(name)
 
     def query(self, statement: str) -> list:
         return [tuple(r) for r in self.spark.sql(statement).collect()]
 
     def stream(self, statement: str) -> Iterator[tuple]:
-        for r in self.spark.sql(statement).toLocalIterator(prefetchPartitions=True):
+        for r in self.spark.sql(statement).toLocalIterator(prefetchPartitions=False):
             yield tuple(r)
 
     def register_shuffle_key(self, seed: int) -> None:
