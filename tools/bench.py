@@ -9,7 +9,8 @@
           counted after a backward and before the optimizer step (their peak), for ZeRO stage 0 and 3
           with 2 processes, and their ratio.
   data    the loader alone (decode, transform, tokenise): samples/s, per worker.
-  build   the shard builder: images/s per worker process.
+  build   the shard builder: images/s per worker process; with --rows N --images M a synthetic click log
+          built by each --engine (local, spark): rows/s, images/s, CPU s, peak RSS, image fetches/encodes.
   learn   settings trained on real captioned photos for the same samples and several seeds, evaluated on
           held-out photos: one table of retrieval metrics with their spread, wall and CPU seconds
           (tools/bench_learn.py; its own options: python tools/bench.py learn --help).
@@ -19,6 +20,7 @@
   python tools/bench.py data --config configs/pretrain/bench.yaml --shards data/demo/shards/train --workers 2
   python tools/bench.py build --workers 2          (synthetic 640x480 photos, resized to 256)
   python tools/bench.py build --log data/demo/raw/clicklog.tsv --images-root data/demo/raw --workers 2
+  python tools/bench.py build --rows 1000000 --queries 200000 --images 2000 --workers 2 --engine local,spark
 
 Output: a table on the terminal and a JSON file (--json, default bench_<mode>.json).
 """
@@ -320,7 +322,99 @@ def synthetic_photo_log(folder: str, n: int, size=(640, 480), seed: int = 0) -> 
     return path
 
 
+def synthetic_click_log(folder: str, rows: int, images: int, queries: int, images_per_query: int = 0,
+                        side: int = 96, seed: int = 0) -> str:
+    """A click log of ``rows`` rows over ``queries`` queries and ``images`` small distinct JPEGs (``side`` x
+    3/4 ``side``, colour fields plus noise). Each row: a uniformly drawn query and image (with
+    ``images_per_query`` K > 0: one of the query's K images, as a query's clicks concentrate on a few
+    pictures), 1-3 clicks, 1-20 impressions. Written in blocks: the generator's memory does not grow."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    w, h = side, side * 3 // 4
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(images):
+        a, b, c = rng.uniform(4, 40, 3)
+        base = np.stack([np.sin(xx / a + c) * 80 + 128, np.cos(yy / b) * 80 + 128, (xx + yy) / (w + h) * 255], -1)
+        img = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, "images", f"{i:06d}.jpg"), quality=85)
+    path = os.path.join(folder, "clicklog.tsv")
+    block = 1_000_000
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("query\timage\tclicks\timpressions\n")
+        for start in range(0, rows, block):
+            n = min(block, rows - start)
+            q = rng.integers(0, queries, n)
+            if images_per_query > 0:
+                img = (q * 7919 + rng.integers(0, images_per_query, n) * 104729) % images
+            else:
+                img = rng.integers(0, images, n)
+            clicks = rng.integers(1, 4, n)
+            impressions = clicks + rng.integers(0, 18, n)
+            f.write("".join(f"query {a} 查询\timages/{b:06d}.jpg\t{c}\t{d}\n"
+                            for a, b, c, d in zip(q.tolist(), img.tolist(), clicks.tolist(), impressions.tolist())))
+    return path
+
+
+def _run_build(cmd) -> Dict[str, Any]:
+    """Run a build as a child process: wall seconds, CPU seconds of it and its workers, the largest peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "largest_process_peak_rss_mib": after.ru_maxrss / 1024}
+
+
+def mode_build_log(args, overrides) -> Dict[str, Any]:
+    """``build --rows N --images M``: a synthetic click log, built by each engine of ``--engine``."""
+    src = tempfile.mkdtemp(prefix="benchlog_")
+    queries = args.queries or max(1, args.rows // 5)
+    t0 = time.perf_counter()
+    log_path = synthetic_click_log(src, args.rows, args.images, queries, args.images_per_query, args.image_side)
+    gen_s = time.perf_counter() - t0
+    workers = args.workers or 2
+    out = {"mode": "build", "rows": args.rows, "images": args.images, "queries": queries,
+           "images_per_query": args.images_per_query, "image_side": args.image_side, "workers": workers,
+           "log_bytes": os.path.getsize(log_path), "generate_s": gen_s, "options": list(overrides), "engines": {},
+           "table": []}
+    for engine in args.engine.split(","):
+        out_dir = tempfile.mkdtemp(prefix=f"benchbuild_{engine}_")
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), log_path, "--out", out_dir,
+               "--workers", str(workers), "--no-progress", "--engine", engine, "--overwrite"]
+        if engine == "spark":
+            cmd += ["--spark-master", args.spark_master]
+        run = _run_build(cmd + list(overrides))
+        with open(os.path.join(out_dir, "report.json")) as f:
+            report = json.load(f)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        img = report["images"]
+        r = {**run, "input_rows": report["input_rows"], "samples": report["accounting"]["written_samples"],
+             "distinct_images": img["distinct_references"],
+             "image_fetches": img["fetches"] + report["run"]["write_fetches"],
+             "image_encodes": img["encodes"] + report["run"]["write_encodes"],
+             "bad_rows": report["accounting"]["bad_rows"], "peak_rss_mib": report["run"]["peak_rss"],
+             "time_s": report["run"]["time_s"]}
+        r["rows_per_s"] = r["input_rows"] / run["wall_s"]
+        r["images_per_s"] = r["distinct_images"] / run["wall_s"]
+        r["rows_per_cpu_s"] = r["input_rows"] / max(run["cpu_s"], 1e-9)
+        out["engines"][engine] = r
+        out["table"].append(
+            f"{engine}: {r['input_rows']:,} rows, {r['distinct_images']:,} images -> {r['samples']:,} samples; "
+            f"{run['wall_s']:.1f} s wall, {run['cpu_s']:.1f} CPU s; {r['rows_per_s']:,.0f} rows/s, "
+            f"{r['images_per_s']:,.1f} images/s; peak RSS main {r['peak_rss_mib']['main_mib']:.0f} MiB "
+            f"(largest process {run['largest_process_peak_rss_mib']:.0f} MiB); "
+            f"fetches {r['image_fetches']:,}, encodes {r['image_encodes']:,}")
+    shutil.rmtree(src, ignore_errors=True)
+    out["machine"] = machine()  # imports torch: after the builds, whose peak RSS would count it (kept over exec)
+    return out
+
+
 def mode_build(args, overrides) -> Dict[str, Any]:
+    if args.rows:
+        return mode_build_log(args, overrides)
     out_dir = tempfile.mkdtemp(prefix="benchbuild_")
     workers = args.workers or 1
     log_path, images_root, source = args.log, args.images_root, args.log
@@ -373,6 +467,14 @@ def main(argv=None) -> int:
     p.add_argument("--log", help="build: click log to build from (default: synthetic photos, see --photos)")
     p.add_argument("--photos", type=int, default=400, help="build: synthetic 640x480 photos when no --log")
     p.add_argument("--images-root", help="build: images root")
+    p.add_argument("--rows", type=int, default=0, help="build: rows of a synthetic click log (with --images)")
+    p.add_argument("--images", type=int, default=2000, help="build: distinct images of the synthetic click log")
+    p.add_argument("--queries", type=int, default=0, help="build: distinct queries (default rows/5)")
+    p.add_argument("--images-per-query", type=int, default=0,
+                   help="build: each query clicks one of its K images (0: any image)")
+    p.add_argument("--image-side", type=int, default=96, help="build: width of the synthetic JPEGs")
+    p.add_argument("--engine", default="local", help="build: engines to run, comma-separated (local,spark)")
+    p.add_argument("--spark-master", default="local[2]", help="build: Spark master of --engine spark")
     p.add_argument("--json", default=None, help="output JSON (default bench_<mode>.json)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides (build: extra builder options)")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the options

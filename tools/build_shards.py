@@ -16,7 +16,12 @@ Output:
     OUT/train/shard-000000.tar ...  OUT/train/sizes.json   ({"shard-000000.tar": 10000, ...}, OpenCLIP)
     OUT/val/shard-000000.tar ...    OUT/val/sizes.json     (only with --val-fraction > 0)
     OUT/report.json                 counts, reasons with first line numbers, accounting, throughput
-    OUT/_plan.json, OUT/_plan_pairs.parquet   the deterministic plan (kept for resuming)
+    OUT/_plan.json, OUT/_plan_pairs/       the deterministic plan (kept for resuming)
+    OUT/_work/                      parsed rows, image table, JPEG cache (removed when every shard is written)
+
+Engines: --engine local (default; DuckDB, bounded memory --memory-limit, spills to OUT/_work) or
+--engine spark (PySpark; --spark-master local[N] | yarn | spark://... | k8s://..., or under spark-submit:
+    spark-submit --py-files pretrain.zip tools/build_shards.py LOGS... --out hdfs:///... --engine spark).
 
 Exit status: 0 when done, 1 if some shards failed (run the same command again to retry them), 2 on a
 usage error or bad inputs.
@@ -76,6 +81,13 @@ def parser() -> argparse.ArgumentParser:
                    help="maximum tar size (e.g. 500MB)")
     g.add_argument("--workers", type=int, default=d.workers,
                    help="processes reading/decoding/encoding images (1 = in this process)")
+    g = ap.add_argument_group("engine")
+    g.add_argument("--engine", choices=["local", "spark"], default=d.engine,
+                   help="local: DuckDB in this process (out of core); spark: PySpark (same shards)")
+    g.add_argument("--spark-master", default=d.spark_master,
+                   help="Spark master: local[N], yarn, spark://HOST:PORT, k8s://... (default: spark-submit's)")
+    g.add_argument("--memory-limit", default=d.memory_limit,
+                   help="local engine: DuckDB memory limit; beyond it the plan spills to OUT/_work")
     g.add_argument("--overwrite", action="store_true",
                    help="delete the shards, plan and report of an earlier build in --out first")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

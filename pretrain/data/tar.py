@@ -152,15 +152,54 @@ def archive_bytes(members_total: int) -> int:
     return -(-(members_total + 2 * BLOCK) // RECORD) * RECORD
 
 
-def open_writer(fileobj: BinaryIO) -> tarfile.TarFile:
-    """A ustar stream writer (close it to write the end-of-archive blocks and the padding)."""
-    return tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """One regular file with fixed metadata (mode 644, owner 0, mtime 0): the bytes depend on name and data only."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
+def _template() -> bytearray:
+    """The ustar header ``tarfile`` writes for a regular file with fixed metadata (mode 644, owner 0, mtime 0),
+    taken from ``tarfile`` itself; ``UstarWriter`` fills in the name, the size and the checksum."""
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode = 0, 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    return bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+
+
+class UstarWriter:
+    """Writes the bytes ``tarfile.open(mode="w|", format=USTAR_FORMAT)`` writes for members added with fixed
+    metadata, without its per-member cost (header objects, copies): the shard writer's inner loop.
+    Names must fit the 100-byte name field (sample keys do)."""
+
+    _header = None
+
+    def __init__(self, fileobj: BinaryIO):
+        self.f, self.offset = fileobj, 0
+        if UstarWriter._header is None:
+            UstarWriter._header = _template()
+
+    def add(self, name: str, data: bytes) -> None:
+        raw = name.encode("utf-8")
+        if len(raw) > 100:
+            raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+        h = bytearray(UstarWriter._header)
+        h[0:100] = raw + bytes(100 - len(raw))
+        h[124:136] = b"%011o\0" % len(data)
+        h[148:156] = b"        "
+        h[148:155] = b"%06o\0" % sum(h)
+        pad = -len(data) % BLOCK
+        h += data
+        if pad:
+            h += bytes(pad)
+        self.f.write(h)
+        self.offset += len(h)
+
+    def close(self) -> None:
+        end = self.offset + 2 * BLOCK
+        self.f.write(bytes(2 * BLOCK + (-end % RECORD)))
+
+
+def open_writer(fileobj: BinaryIO) -> UstarWriter:
+    """A ustar stream writer (close it to write the end-of-archive blocks and the padding)."""
+    return UstarWriter(fileobj)
+
+
+def add_member(tar: UstarWriter, name: str, data: bytes) -> None:
+    """One regular file with fixed metadata (mode 644, owner 0, mtime 0): the bytes depend on name and data only."""
+    tar.add(name, data)

@@ -4,23 +4,27 @@
     report = build(BuildOptions(inputs=["logs/*.tsv"], out="shards", val_fraction=0.01))
 
 Modules, in the order a build uses them: ``options`` (the typed options), ``inputs`` (listing and reading
-the logs, parsing fields), ``images`` (reading, examining and rendering images), ``plan`` (read ->
-normalise -> aggregate -> examine -> dedup -> filter -> shuffle -> split -> assign shards), ``write``
-(plan file, shards, sizes.json). The shard layout, the query normalisation and the ids are those of
+the logs, parsing fields), ``rows`` (one log file -> a Parquet table of parsed rows), ``images`` (fetching,
+examining, encoding and caching images), ``sql`` (the relational plan, one SQL text for both engines),
+``engines`` (DuckDB and Spark), ``plan`` (the steps in order; numbering, splitting and cutting shards),
+``write`` (plan files, shards, sizes.json). The shard layout, the query normalisation and the ids are those of
 ``pretrain.data.ids`` and ``pretrain.data.tar``, which the loader and the inspector read with.
 
-Two passes, everything deterministic from the inputs and the options:
+Two passes, everything deterministic from the inputs and the options, on one of two engines
+(``engines.py``: ``local`` = DuckDB, embedded and out of core; ``spark`` = PySpark) that give
+byte-identical shards:
 
-1. Plan. Every row is read; a row that cannot be used is counted under a bad-input reason
-   (``plan.BAD_REASONS``) with its first line numbers. Every distinct image reference is read, hashed,
-   decoded, checked and encoded once (in ``workers`` processes). Rows are aggregated per (normalised
-   query, image content): clicks and impressions are summed; the first row gives the original query, the
-   provenance and the timestamp. Pair filters: ``plan.FILTER_REASONS``. The surviving pairs are shuffled
-   globally, numbered (KEY = 9-digit global index), split by query and cut into shards by count and exact
-   tar size. The plan is saved before any shard is written.
-2. Write. Each missing shard is written to ``NAME.tmp`` and renamed when complete. Images are read again,
-   their hash checked against the plan and re-encoded to the planned size: a restarted build gives
-   byte-identical shards. A re-run with other inputs or options is refused unless ``overwrite``.
+1. Plan (``plan.py``, ``rows.py``, ``sql.py``). Every row is parsed (per file, in worker processes or
+   executors); a row that cannot be used is counted under a bad-input reason (``plan.BAD_REASONS``) with
+   its first locations. Every distinct image reference is fetched, hashed, decoded, checked and encoded
+   once (the JPEG cached in ``OUT/_work/jpg``). Rows are aggregated per (normalised query, image
+   content): clicks and impressions are summed; the first row gives the original query, the provenance
+   and the timestamp. Pair filters: ``plan.FILTER_REASONS``. The surviving pairs are shuffled globally,
+   numbered (KEY = 9-digit global index), split by query and cut into shards by count and exact tar size.
+   The plan is saved before any shard is written.
+2. Write (``write.py``). Each missing shard is written to ``NAME.tmp`` from the cached JPEGs and renamed
+   when complete: a restarted build gives byte-identical shards. A re-run with other inputs or options is
+   refused unless ``overwrite``.
 
 Each sample: ``KEY.jpg``, ``KEY.txt`` (the normalised query, UTF-8) and ``KEY.json`` with key, query_id,
 image_id, clicks, impressions, query (original text of the first row), source ("FILE:LINE" of the first
@@ -31,18 +35,26 @@ the log has that column, timestamp. Report accounting (exact):
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import resource
+import shutil
 import sys
+import tempfile
 import time
 
 import fsspec
 
+from .engines import make_engine
 from .inputs import is_local, list_inputs
 from .options import BuildError, BuildOptions, plan_options
 from .plan import BAD_REASONS, FILTER_REASONS, make_plan
-from .write import (REPORT_FILE, fingerprint, json_bytes, load_plan_rows, pending_shards, prepare_out, save_plan,
-                    write_atomic, write_shards, write_sizes)
+from .rows import check_header, columns_of
+from .write import (REPORT_FILE, WORK_DIR, fingerprint, json_bytes, pending_shards, prepare_out, save_plan, saver,
+                    shard_tasks, write_atomic, write_shard, write_sizes)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BAD_REASONS", "FILTER_REASONS", "REPORT_FILE", "BuildError", "BuildOptions", "build", "format_summary"]
 
@@ -59,6 +71,36 @@ def _pool(workers: int):
     return multiprocessing.get_context().Pool(workers) if workers > 1 else None
 
 
+def _peak_rss_mib() -> dict:
+    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"main_mib": round(self_kib / 1024, 1), "largest_child_mib": round(children_kib / 1024, 1)}
+
+
+def _write(options, engine, fs, root, url, work, shards, pending, progress):
+    """Write the pending shards on the engine: (samples, failed, cache-miss fetches, encodes)."""
+    tasks = shard_tasks(options, url, work, shards, pending)
+    crash = options.debug_crash_after_shards
+    if crash is not None and crash < len(tasks):
+        tasks, last = tasks[:crash], dict(tasks[crash], crash_half=True)
+    else:
+        last = None
+    samples, failed, fetches, encodes = 0, [], 0, 0
+    with progress(desc="write shards", unit=" shards", total=len(pending)) as bar:
+        for r in engine.map(write_shard, tasks):
+            samples += r["samples"]
+            fetches += r["fetches"]
+            encodes += r["encodes"]
+            if r["error"]:
+                failed.append({"shard": r["shard"], "error": r["error"]})
+                log.error("%s not written: %s", r["shard"], r["error"])
+            bar.update(1)
+    if last is not None:
+        write_shard(last)  # test hook: exits half-way through this shard
+    failed.sort(key=lambda f: f["shard"])
+    return samples, failed, fetches, encodes
+
+
 def build(options: BuildOptions) -> dict:
     """Run a build; returns the report (also written to ``OUT/report.json``). BuildError on bad inputs,
     options or output folder. Failed shards are listed in ``report["run"]["failed"]`` (a re-run retries them)."""
@@ -66,44 +108,53 @@ def build(options: BuildOptions) -> dict:
     options = options.checked()
     progress = _progress_factory(options.progress)
     files = list_inputs(options.inputs, options.format)
+    for f in files:
+        check_header(f, columns_of(options))
     fs, root = fsspec.core.url_to_fs(options.out)
     root = root.rstrip("/") or "/"
     if is_local(fs):
         root = os.path.abspath(root)
+    url = root if is_local(fs) else fs.unstrip_protocol(root)
     fs.makedirs(root, exist_ok=True)
     fp = fingerprint(options, files)
     plan = prepare_out(options, fs, root, fp)
-    pool, ok = None, False
+    if is_local(fs) or options.engine == "spark":
+        work, tmp_work = f"{url}/{WORK_DIR}", None
+    else:  # the local engine with a remote output: its tables and cache on this machine
+        work = tmp_work = tempfile.mkdtemp(prefix="build_shards_")
+    pool = _pool(options.workers) if options.engine == "local" else None
+    engine, ok = None, False
     try:
+        engine = make_engine(options, work, pool)
         if plan is None:
-            pool = _pool(options.workers)
-            shards, split_rows, stats = make_plan(options, files, pool, progress)
-            save_plan(fs, root, fp, options, shards, split_rows, stats)
-            rows_by_shard = {}
-            for s in shards:
-                for r in split_rows[s]:
-                    rows_by_shard.setdefault((s, r["shard"]), []).append(r)
+            shards, stats = make_plan(options, files, engine, work, saver(fs, root), progress)
+            save_plan(fs, root, fp, options, shards, stats)
         else:
-            shards, stats, rows_by_shard = plan["shards"], plan["stats"], None
+            shards, stats = plan["shards"], plan["stats"]
         t_plan = time.time()
         for s in shards:
             fs.makedirs(f"{root}/{s}", exist_ok=True)
         pending, skipped = pending_shards(fs, root, shards)
-        samples, failed = 0, []
-        if pending:
-            rows_by_shard = rows_by_shard if rows_by_shard is not None else load_plan_rows(fs, root)
-            pool = pool or _pool(options.workers)
-            samples, failed = write_shards(options, fs, root, shards, rows_by_shard, pending, pool, progress)
+        samples, failed, fetches, encodes = _write(options, engine, fs, root, url, work, shards, pending, progress)
         ok = True
     finally:
+        if engine is not None:
+            engine.close()
         if pool is not None:
             pool.close() if ok else pool.terminate()
             pool.join()
     t_write = time.time()
     write_sizes(fs, root, shards, failed)
+    if not failed:  # the JPEG cache and the engine's tables are no longer needed
+        wfs, wpath = fsspec.core.url_to_fs(work)
+        if wfs.exists(wpath):
+            wfs.rm(wpath, recursive=True)
+    elif tmp_work:
+        shutil.rmtree(tmp_work, ignore_errors=True)
     report = {"out": options.out, **stats, "shards": {s: len(shards[s]) for s in shards},
               "options": plan_options(options)}
     report["run"] = {
+        "engine": options.engine,
         "plan_reused": plan is not None,
         "shards_written": len(pending) - len(failed),
         "shards_skipped": skipped,
@@ -111,9 +162,12 @@ def build(options: BuildOptions) -> dict:
         "failed": failed,
         "samples_written": samples,
         "workers": options.workers,
+        "write_fetches": fetches,
+        "write_encodes": encodes,
         "time_s": {"plan": round(t_plan - t0, 3), "write": round(t_write - t_plan, 3),
                    "total": round(time.time() - t0, 3)},
         "images_per_s": round(samples / max(t_write - t_plan, 1e-9), 1) if samples else 0.0,
+        "peak_rss": _peak_rss_mib(),
     }
     report["time_s"] = report["run"]["time_s"]["total"]
     report["throughput_images_per_s"] = report["run"]["images_per_s"]

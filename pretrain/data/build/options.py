@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 FORMATS = ("tsv", "csv", "jsonl", "parquet")
+ENGINES = ("local", "spark")
 
 
 class BuildError(Exception):
@@ -67,6 +68,14 @@ class BuildOptions:
     """Maximum bytes per shard (tar file size)."""
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     """Processes that read, decode and encode images (1: in this process)."""
+    engine: str = "local"
+    """What runs the plan: ``local`` (DuckDB in this process, out of core; image work in ``workers``
+    processes) or ``spark`` (PySpark; image work in executors). Both give byte-identical shards."""
+    spark_master: Optional[str] = None
+    """Spark master (``local[N]``, ``yarn``, ``spark://...``, ``k8s://...``); None: spark-submit's, else
+    Spark's default."""
+    memory_limit: str = "512MB"
+    """Local engine: DuckDB's memory limit; beyond it joins, aggregations and sorts spill to ``OUT/_work``."""
     overwrite: bool = False
     """Delete the shards, plan and report of an earlier build in ``out`` first."""
     progress: bool = True
@@ -89,6 +98,8 @@ class BuildOptions:
                                ("max_query_len", self.max_query_len >= 0, ">= 0")):
             if not ok:
                 raise BuildError(f"--{name.replace('_', '-')} must be {rule}")
+        if self.engine not in ENGINES:
+            raise BuildError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if not self.inputs:
             raise BuildError("no input click log given")
         root = self.images_root

@@ -1,9 +1,12 @@
 """The output of a build: the saved plan, the shards (atomic, resumable), sizes.json and the report.
 
-The plan is saved first (``_plan.json`` with the shard list and the statistics, ``_plan_pairs.parquet``
-with one row per sample) under a fingerprint of the plan options and the inputs (URL and size). Each
-missing shard is then written to ``NAME.tmp`` and renamed when complete; a shard whose final file has the
-planned size is skipped, so a re-run resumes a killed build without losing or duplicating samples.
+The plan is saved first (``_plan_pairs/SPLIT-NNNNNN.parquet``: the rows of each shard, written as the
+plan cuts it; then ``_plan.json`` with the shard list and the statistics, which marks the plan complete)
+under a fingerprint of the plan options and the inputs (URL and size). Each missing shard is then written
+by ``write_shard`` (a worker process or a Spark executor) to ``NAME.tmp`` from the JPEGs the plan cached
+in ``_work/jpg`` and renamed when complete; a shard whose final file has the planned size is skipped, so
+a re-run resumes a killed build without losing or duplicating samples. ``_work`` (the parsed rows, the
+image table, the JPEG cache, DuckDB's files) is removed when every shard is written.
 """
 from __future__ import annotations
 
@@ -11,19 +14,21 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .. import tar
-from .images import render_image
+from .images import JpegCache, render_image
 from .inputs import is_local
 from .options import BuildError, BuildOptions, plan_options
 from .plan import SPLITS
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 2  # 2: ids of pretrain.data.ids (the loader's), query normalisation lower-cases every script
+PLAN_VERSION = 3  # 3: plan rows per shard, JPEG cache; 2: ids of pretrain.data.ids (the loader's), query
+#                   normalisation lower-cases every script
 PLAN_FILE = "_plan.json"
-PAIRS_FILE = "_plan_pairs.parquet"
+PAIRS_FILE = "_plan_pairs"
+WORK_DIR = "_work"
 REPORT_FILE = "report.json"
 SIZES_FILE = "sizes.json"
 
@@ -70,45 +75,45 @@ def prepare_out(options: BuildOptions, fs, root: str, fp: str) -> Optional[dict]
         for s in SPLITS:
             if fs.exists(f"{root}/{s}"):
                 fs.rm(f"{root}/{s}", recursive=True)
-        for name in (PLAN_FILE, PAIRS_FILE, REPORT_FILE):
+        for name in (PLAN_FILE, REPORT_FILE):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}")
+    for name in (PAIRS_FILE, WORK_DIR):  # left by a planning run that did not finish
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
     return None
 
 
-def save_plan(fs, root: str, fp: str, options: BuildOptions, shards, split_rows, stats) -> None:
+def shard_rows_path(root: str, split: str, index: int) -> str:
+    return f"{root}/{PAIRS_FILE}/{split}-{index:06d}.parquet"
+
+
+def saver(fs, root: str) -> Callable:
+    """``save(split, index, rows)`` for ``plan.describe``: one Parquet file per shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [(s, r) for s in SPLITS if s in shards for r in split_rows[s]]
-    table = pa.table({
-        "split": pa.array([s for s, _ in rows], pa.string()),
-        "shard": pa.array([r["shard"] for _, r in rows], pa.int32()),
-        "key": pa.array([r["key"] for _, r in rows], pa.string()),
-        "ref": pa.array([r["ref"] for _, r in rows], pa.large_string()),
-        "sha1": pa.array([r["sha1"] for _, r in rows], pa.string()),
-        "jpg_size": pa.array([r["jpg_size"] for _, r in rows], pa.int64()),
-        "txt": pa.array([r["txt"] for _, r in rows], pa.string()),
-        "json": pa.array([r["json"] for _, r in rows], pa.string()),
-    })
-    path = f"{root}/{PAIRS_FILE}"
-    with fs.open(path + ".tmp", "wb") as f:
-        pq.write_table(table, f)
-    rename(fs, path + ".tmp", path)
+    fs.makedirs(f"{root}/{PAIRS_FILE}", exist_ok=True)
+
+    def save(split: str, index: int, rows: List[dict]) -> None:
+        table = pa.table({
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "ref": pa.array([r["ref"] for r in rows], pa.large_string()),
+            "sha1": pa.array([r["sha1"] for r in rows], pa.string()),
+            "jpg_size": pa.array([r["jpg_size"] for r in rows], pa.int64()),
+            "txt": pa.array([r["txt"] for r in rows], pa.string()),
+            "json": pa.array([r["json"] for r in rows], pa.string()),
+        })
+        path = shard_rows_path(root, split, index)
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f)
+    return save
+
+
+def save_plan(fs, root: str, fp: str, options: BuildOptions, shards, stats) -> None:
     plan = {"plan_version": PLAN_VERSION, "fingerprint": fp, "options": plan_options(options),
             "shards": shards, "stats": stats}
     write_atomic(fs, f"{root}/{PLAN_FILE}", json_bytes(plan))
-
-
-def load_plan_rows(fs, root: str) -> Dict[Tuple[str, int], List[dict]]:
-    import pyarrow.parquet as pq
-
-    with fs.open(f"{root}/{PAIRS_FILE}", "rb") as f:
-        table = pq.read_table(f)
-    out: Dict[Tuple[str, int], List[dict]] = {}
-    for r in table.to_pylist():
-        out.setdefault((r["split"], r["shard"]), []).append(r)
-    return out
 
 
 def pending_shards(fs, root: str, shards) -> Tuple[List[Tuple[str, int]], int]:
@@ -127,48 +132,55 @@ def pending_shards(fs, root: str, shards) -> Tuple[List[Tuple[str, int]], int]:
     return pending, skipped
 
 
-def write_shards(options: BuildOptions, fs, root: str, shards, rows_by_shard, pending, pool, progress: Callable):
-    """Write the pending shards (tmp name, then atomic rename): (samples written, failed shards)."""
+def shard_tasks(options: BuildOptions, url: str, work: str, shards, pending) -> List[dict]:
     o = options
-    tasks = ((r["ref"], r["sha1"], r["jpg_size"], o.resize, o.resize_mode, o.jpeg_quality)
-             for key in pending for r in rows_by_shard.get(key, ()))
-    results = pool.imap(render_image, tasks, chunksize=4) if pool else map(render_image, tasks)
-    total = sum(shards[s][i]["count"] for s, i in pending)
-    failed, samples = [], 0
-    with progress(desc="write shards", unit=" img", total=total) as bar:
-        for n, (split, i) in enumerate(pending):
-            sh = shards[split][i]
-            final = f"{root}/{split}/{sh['name']}"
-            tmp = final + ".tmp"
-            rows = rows_by_shard.get((split, i), [])
-            error = None
-            with fs.open(tmp, "wb") as f:
-                writer = tar.open_writer(f)
-                for j, row in enumerate(rows):
-                    status, payload = next(results)
-                    if error is None and status != "ok":
-                        error = f"{row['key']}: {payload}"
-                    if error is not None:
-                        continue
-                    key = row["key"]
-                    tar.add_member(writer, key + ".jpg", payload)
-                    tar.add_member(writer, key + ".txt", row["txt"].encode("utf-8"))
-                    tar.add_member(writer, key + ".json", row["json"].encode("utf-8"))
-                    bar.update(1)
-                    if o.debug_crash_after_shards is not None and n == o.debug_crash_after_shards and j == len(rows) // 2:
-                        f.flush()
-                        os._exit(75)  # simulates a killed build: half a .tmp shard, no cleanup
-                writer.close()
-            if error is None and fs.size(tmp) != sh["bytes"]:
-                error = f"wrote {fs.size(tmp)} bytes, the plan says {sh['bytes']}"
-            if error is not None:
-                fs.rm(tmp)
-                failed.append({"shard": f"{split}/{sh['name']}", "error": error})
-                log.error("%s/%s not written: %s", split, sh["name"], error)
-                continue
-            rename(fs, tmp, final)
-            samples += sh["count"]
-    return samples, failed
+    return [{"url": url, "split": s, "index": i, "name": shards[s][i]["name"], "bytes": shards[s][i]["bytes"],
+             "count": shards[s][i]["count"], "cache": f"{work}/jpg",
+             "render": (o.resize, o.resize_mode, o.jpeg_quality),
+             "crash_half": False} for s, i in pending]
+
+
+def write_shard(task: dict) -> dict:
+    """Write one shard (in a worker or an executor): ``NAME.tmp``, checked against the plan, then renamed.
+    Returns {"shard", "error", "samples", "fetches", "encodes"} (fetches/encodes: cache misses only)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(task["url"])
+    split, name = task["split"], task["name"]
+    final = f"{root}/{split}/{name}"
+    tmp = final + ".tmp"
+    with fs.open(shard_rows_path(root, split, task["index"]), "rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    out = {"shard": f"{split}/{name}", "error": None, "samples": 0, "fetches": 0, "encodes": 0}
+    cache = JpegCache(task["cache"])
+    with fs.open(tmp, "wb") as f:
+        writer = tar.open_writer(f)
+        for j, row in enumerate(rows):
+            jpg = cache.get(row["sha1"], row["jpg_size"])
+            if jpg is None:
+                out["fetches"] += 1
+                out["encodes"] += 1
+                status, jpg = render_image((row["ref"], row["sha1"], row["jpg_size"]) + tuple(task["render"]))
+                if status != "ok":
+                    out["error"] = f"{row['key']}: {jpg}"
+                    break
+            key = row["key"]
+            tar.add_member(writer, key + ".jpg", jpg)
+            tar.add_member(writer, key + ".txt", row["txt"].encode("utf-8"))
+            tar.add_member(writer, key + ".json", row["json"].encode("utf-8"))
+            if task["crash_half"] and j == len(rows) // 2:
+                f.flush()
+                os._exit(75)  # simulates a killed build: half a .tmp shard, no cleanup
+        writer.close()
+    if out["error"] is None and fs.size(tmp) != task["bytes"]:
+        out["error"] = f"wrote {fs.size(tmp)} bytes, the plan says {task['bytes']}"
+    if out["error"] is not None:
+        fs.rm(tmp)
+        return out
+    rename(fs, tmp, final)
+    out["samples"] = task["count"]
+    return out
 
 
 def write_sizes(fs, root: str, shards, failed) -> None:
