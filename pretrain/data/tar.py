@@ -13,9 +13,9 @@ complete. The reader is a plain forward pass over the bytes, which is what the l
 needs: re-reading a shard gives the same samples in the same order. It reads ustar, GNU (long names,
 base-256 sizes) and pax headers.
 
-Writing (the builder) writes ustar headers itself, byte for byte as ``tarfile`` would, with fixed owner, mode and mtime, so that
-the bytes of a shard depend only on its members; ``archive_bytes`` gives the size of such an archive
-before it is written.
+Writing (the builder) writes ustar headers itself, byte for byte as ``tarfile`` would, with fixed owner,
+mode and mtime, so that the bytes of a shard depend only on its members; ``archive_bytes`` gives the size
+of such an archive before it is written.
 """
 from __future__ import annotations
 
