@@ -29,6 +29,21 @@ def export_random_model(model_cfg: ModelConfig, out_dir: str, seed: int = 0) -> 
                         provenance={"source": "export_random_model", "seed": seed})
 
 
+class Payload:
+    """Unpickling this calls exec(...) with code that creates ``marker``: a planted payload."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def plant_payload(path, marker) -> None:
+    """A checkpoint-shaped file at ``path`` whose unpickling would create the file ``marker``."""
+    torch.save({"module": {"w": torch.zeros(2)}, "payload": Payload(str(marker))}, path)
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_model_config()

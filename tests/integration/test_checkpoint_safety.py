@@ -16,19 +16,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from _tiny import ROOT, SyntheticStream, free_port, load_script, set_dist_env, tiny_overrides
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def plant(path, marker):
-    torch.save({"module": {"w": torch.zeros(2)}, "payload": Payload(str(marker))}, path)
+from _tiny import SyntheticStream, free_port, load_script, set_dist_env, tiny_overrides
+from conftest import plant_payload as plant
 
 
 def digest(folder):

@@ -6,21 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import plant_payload as plant
 from pretrain import checkpoint
-
-
-class Payload:
-    """Unpickling this calls exec(...) with code that creates ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def plant(path, marker):
-    torch.save({"module": {"w": torch.zeros(2)}, "payload": Payload(str(marker))}, path)
 
 
 def test_payload_is_live_under_plain_pickle(tmp_path):
