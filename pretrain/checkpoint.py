@@ -23,6 +23,7 @@ Rules (each is a collective: every rank calls, rank 0 decides and broadcasts):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,6 +128,24 @@ def install_safe_engine(engine) -> None:
 
     ce.load = load
     ce._wenlan_safe = True
+
+
+@contextlib.contextmanager
+def forced_weights_only():
+    """Every ``torch.load`` inside, whatever its arguments, is ``weights_only=True`` (torch's own switch),
+    with DeepSpeed's few types allowed; the unpickler's refusal becomes a CheckpointError."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused to load a checkpoint file: {str(e).splitlines()[0]}") from None
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def scan_checkpoint(path: str) -> None:

@@ -17,7 +17,6 @@ Loading needs no DeepSpeed and no network::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -27,31 +26,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import yaml
 
-from .checkpoint import CheckpointError, allowed_globals, safe_load, scan_checkpoint
+from .checkpoint import forced_weights_only, safe_load, scan_checkpoint  # noqa: F401 (re-exported)
 from .config import ModelConfig, RunConfig, _build, load_config
 from .models import DualEncoder, build_tokenizer, image_transform
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def forced_weights_only():
-    """Every ``torch.load`` inside, whatever its arguments, is ``weights_only=True`` (torch's own switch),
-    with DeepSpeed's few types allowed; the unpickler's refusal becomes a CheckpointError."""
-    import pickle
-
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            yield
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refused to load a checkpoint file: {str(e).splitlines()[0]}") from None
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def read_checkpoint_weights(ckpt_dir: str, tag: str, zero_stage: int, which: str = "query") -> Dict[str, torch.Tensor]:
@@ -113,14 +92,14 @@ def export_checkpoint(run_dir: str, out_dir: str, tag: Optional[str] = None, whi
     weights = read_checkpoint_weights(ckpt_dir, tag, cfg.train.zero_stage, which)
     if which == "query":
         weights = _fill_buffers(weights, os.path.join(ckpt_dir, tag))
-    towers = DualEncoder(dataclasses.replace(cfg.model, activation_checkpointing=False))
+    model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=False)
+    towers = DualEncoder(model_cfg)
     missing, unexpected = towers.load_state_dict(weights, strict=False)
     missing = [m for m in missing if "num_batches_tracked" not in m]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     step = int(tag.split("_")[-1])
-    write_export(towers, dataclasses.replace(cfg.model, activation_checkpointing=False),
-                 build_tokenizer(cfg.model.text), out_dir,
+    write_export(towers, model_cfg, build_tokenizer(cfg.model.text), out_dir,
                  provenance={"run_dir": os.path.abspath(run_dir), "checkpoint": tag, "step": step,
                              "encoders": which, "zero_stage": cfg.train.zero_stage})
     return out_dir
