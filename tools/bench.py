@@ -14,6 +14,13 @@
   learn   settings trained on real captioned photos for the same samples and several seeds, evaluated on
           held-out photos: one table of retrieval metrics with their spread, wall and CPU seconds
           (tools/bench_learn.py; its own options: python tools/bench.py learn --help).
+  search  the vector index of tools/index.py (pretrain/search/ann.py) on --n synthetic unit vectors of --dim
+          dimensions: c_j = normalize(N(0, I_d)) for j < --centres, x = normalize(c_j + sigma N(0, I_d)/sqrt(d))
+          with j uniform (--sigma 1.0: a point's noise is as long as its centre), streamed in chunks from
+          per-chunk seeds. Per --kinds (exact = IndexFlatIP, auto = plan_index's choice for --memory, or a kind):
+          the build in a child process (wall and CPU s, its peak RSS = VmHWM), search parameters tuned on 500
+          queries of their own, recall@k of 1000 other queries against exact search over the same stream, p50 /
+          p99 latency of single-query searches (one query at a time, faiss threads = 1), index bytes.
 
   python tools/bench.py train --config configs/pretrain/bench.yaml --shards data/demo/shards/train --compare-in-batch
   python tools/bench.py memory --config configs/pretrain/bench.yaml --shards data/demo/shards/train
@@ -21,6 +28,7 @@
   python tools/bench.py build --workers 2          (synthetic 640x480 photos, resized to 256)
   python tools/bench.py build --log data/demo/raw/clicklog.tsv --images-root data/demo/raw --workers 2
   python tools/bench.py build --rows 1000000 --queries 200000 --images 2000 --workers 2 --engine local,spark
+  python tools/bench.py search --n 1000000 --dim 256 --centres 10000 --sigma 1.0 --memory 2.5G --kinds exact,auto
 
 Output: a table on the terminal and a JSON file (--json, default bench_<mode>.json).
 """
@@ -445,6 +453,165 @@ def mode_build(args, overrides) -> Dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- search
+def synthetic_centres(dim: int, centres: int, seed: int):
+    """``centres`` unit vectors c_j = normalize(N(0, I_d)), the same for a given seed."""
+    import numpy as np
+    c = np.random.default_rng((seed, 0)).standard_normal((centres, dim), dtype=np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def synthetic_vectors(centre_vectors, n: int, sigma: float, seed: int, chunk_rows: int = 65_536):
+    """``n`` vectors normalize(c_j + sigma N(0, I_d) / sqrt(d)), j uniform over the centres, in chunks of
+    ``chunk_rows``; chunk i comes from its own generator (seed, 1, i): the same stream can be replayed."""
+    import numpy as np
+    dim = centre_vectors.shape[1]
+    for i, start in enumerate(range(0, n, chunk_rows)):
+        rng = np.random.default_rng((seed, 1, i))
+        m = min(chunk_rows, n - start)
+        x = centre_vectors[rng.integers(0, len(centre_vectors), m)]
+        x += rng.standard_normal((m, dim), dtype=np.float32) * np.float32(sigma / dim ** 0.5)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield x
+
+
+def _vm_hwm_mib() -> float:
+    """Peak resident set of this process (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _search_build(spec_path: str) -> int:
+    """Child process of ``search``: plan, sample, train and fill one index from the synthetic stream, tune it on
+    its own queries against exact search, write it. Alone in its process, so that VmHWM is the build's."""
+    import faiss
+    import numpy as np
+    from pretrain.search import ann
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    n, dim, seed = spec["n"], spec["dim"], spec["seed"]
+    centres = synthetic_centres(dim, spec["centres"], seed)
+
+    def stream(stream_seed, rows):
+        return synthetic_vectors(centres, rows, spec["sigma"], stream_seed)
+
+    kind = spec["kind"]
+    plan = (ann.plan_index(n, dim, spec["memory_bytes"], exact_below=spec["exact_below"]) if kind == "auto" else
+            ann.plan_index(n, dim, spec["memory_bytes"], kind="flat" if kind == "exact" else kind))
+    times: Dict[str, Dict[str, float]] = {}
+
+    def timed(name, fn):
+        w, c = time.perf_counter(), time.process_time()
+        value = fn()
+        times[name] = {"wall_s": round(time.perf_counter() - w, 3), "cpu_s": round(time.process_time() - c, 3)}
+        return value
+
+    def sample():  # the caller's part in tools/index.py: random rows of the collection, one pass
+        want = ann.train_sample_size(plan, n)
+        if not want:
+            return None
+        pick = np.sort(np.random.default_rng((seed, 2)).choice(n, size=want, replace=False))
+        out, start = [], 0
+        for x in stream(seed, n):
+            sel = pick[(pick >= start) & (pick < start + len(x))] - start
+            out.append(x[sel])
+            start += len(x)
+        return np.concatenate(out)
+
+    train = timed("sample", sample)
+    index = timed("build", lambda: ann.build_index(plan, stream(seed, n), train, threads=spec["threads"]))
+    del train
+    peak_build = _vm_hwm_mib()
+    tq = np.concatenate(list(stream(seed + 2, spec["tune_queries"])))
+    _, true_ids = timed("tune_ground_truth", lambda: ann.exact_topk(tq, stream(seed, n), spec["k"]))
+    tuned = timed("tune", lambda: ann.tune(index, tq, true_ids, k=spec["k"], target=spec["target"]))
+    timed("write", lambda: faiss.write_index(index, spec["out"]))
+    result = {"plan": plan, "times": times, "tuned": tuned, "peak_rss_build_mib": round(peak_build, 1),
+              "peak_rss_process_mib": round(_vm_hwm_mib(), 1), "index_bytes": os.path.getsize(spec["out"]),
+              "ntotal": int(index.ntotal)}
+    with open(spec["out"] + ".json", "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def mode_search(args, overrides) -> Dict[str, Any]:
+    """``search``: each kind built in a child process from the synthetic stream (peak RSS = the child's VmHWM),
+    then searched here with held-out queries against exact ground truth computed over the same stream."""
+    import faiss
+    import numpy as np
+    from pretrain.search import ann
+
+    nq = args.queries or 1000
+    memory = ann.parse_bytes(args.memory)
+    centres = synthetic_centres(args.dim, args.centres, args.seed)
+    queries = np.concatenate(list(synthetic_vectors(centres, nq, args.sigma, args.seed + 1)))
+    w, c = time.perf_counter(), time.process_time()
+    _, true_ids = ann.exact_topk(queries, synthetic_vectors(centres, args.n, args.sigma, args.seed), args.k)
+    gt = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
+    out: Dict[str, Any] = {
+        "mode": "search", "n": args.n, "dim": args.dim, "centres": args.centres, "sigma": args.sigma,
+        "seed": args.seed, "queries": nq, "tune_queries": args.tune_queries, "k": args.k, "memory_bytes": memory,
+        "target_recall": args.target_recall, "threads": args.threads, "exact_below": args.exact_below,
+        "generator": "c_j = normalize(N(0, I_d)), j < centres; x = normalize(c_j + sigma N(0, I_d) / sqrt(d)), j "
+                     "uniform; collection seed S, evaluation queries S+1, tuning queries S+2",
+        "latency": "single-query searches, one at a time, faiss threads = 1", "ground_truth": gt, "kinds": {}}
+    for kind in args.kinds.split(","):
+        path = os.path.join(tempfile.mkdtemp(prefix=f"benchsearch_{kind}_"), "index.faiss")
+        spec = {"n": args.n, "dim": args.dim, "centres": args.centres, "sigma": args.sigma, "seed": args.seed,
+                "kind": kind, "memory_bytes": memory, "exact_below": args.exact_below, "threads": args.threads,
+                "tune_queries": args.tune_queries, "k": args.k, "target": args.target_recall, "out": path}
+        with open(path + ".spec.json", "w") as f:
+            json.dump(spec, f)
+        run = _run_build([sys.executable, os.path.abspath(__file__), "_search_build", path + ".spec.json"])
+        with open(path + ".json") as f:
+            r = json.load(f)
+        index = faiss.read_index(path)
+        ann.apply_params(index, r["tuned"]["params"])
+        _, ids = ann.search(index, queries, args.k)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        lat = []
+        for i in range(min(nq, args.latency_queries)):
+            t0 = time.perf_counter()
+            index.search(queries[i:i + 1], args.k)
+            lat.append((time.perf_counter() - t0) * 1000)
+        faiss.omp_set_num_threads(threads)
+        del index
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        b = r["times"]["build"]
+        out["kinds"][kind] = {
+            "plan": r["plan"], "search_params": r["tuned"]["params"], "tuning": r["tuned"]["tried"],
+            "tune_recall_at_k": r["tuned"]["recall_at_10"],
+            "recall_at_k": ann.recall_at_k(ids, true_ids, args.k),
+            "build_wall_s": b["wall_s"], "build_cpu_s": b["cpu_s"], "times": r["times"],
+            "process_wall_s": run["wall_s"], "process_cpu_s": run["cpu_s"],
+            "peak_rss_build_mib": r["peak_rss_build_mib"], "peak_rss_process_mib": r["peak_rss_process_mib"],
+            "estimated_mib": r["plan"]["estimated_bytes"] / 2 ** 20, "index_bytes": r["index_bytes"],
+            "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
+            "latency_queries": len(lat)}
+    out["machine"] = machine()
+    g = out["ground_truth"]
+    out["table"] = [
+        f"{args.n:,} x {args.dim} vectors around {args.centres:,} centres, sigma {args.sigma}; {nq} queries, "
+        f"recall@{args.k} vs exact (ground truth {g['wall_s']:.1f} s wall, {g['cpu_s']:.1f} CPU s); budget "
+        f"{memory / 2 ** 30:.2f} GiB; latency: one query at a time, faiss threads = 1",
+        f"{'kind':<10}{'index':<20}{'params':<14}{'build s':>9}{'CPU s':>8}{'peak RSS':>10}{'est.':>8}"
+        f"{'recall':>8}{'p50 ms':>8}{'p99 ms':>8}{'index MiB':>11}"]
+    for kind, r in out["kinds"].items():
+        params = ",".join(f"{k}={v}" for k, v in r["search_params"].items()) or "-"
+        out["table"].append(
+            f"{kind:<10}{r['plan']['factory']:<20}{params:<14}{r['build_wall_s']:>9.1f}{r['build_cpu_s']:>8.1f}"
+            f"{r['peak_rss_build_mib']:>10.0f}{r['estimated_mib']:>8.0f}{r['recall_at_k']:>8.4f}"
+            f"{r['latency_ms_p50']:>8.2f}{r['latency_ms_p99']:>8.2f}{r['index_bytes'] / 2 ** 20:>11.1f}")
+    out["table"].append("build s / CPU s: sampling excluded (train + add); peak RSS and est.: MiB, the build "
+                        "process's VmHWM after the build and the plan's estimate (interpreter excluded)")
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["learn"]:
@@ -454,8 +621,10 @@ def main(argv=None) -> int:
         bench_learn = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench_learn)
         return bench_learn.main(argv[1:])
+    if argv[:1] == ["_search_build"]:  # the child process of ``search``
+        return _search_build(argv[1])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("train", "memory", "data", "build", "learn"))
+    p.add_argument("mode", choices=("train", "memory", "data", "build", "learn", "search"))
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "pretrain", "bench.yaml"))
     p.add_argument("--shards", default=os.path.join(ROOT, "data", "demo", "shards", "train"))
     p.add_argument("--steps", type=int, default=40, help="timed steps (train) or batches (data)")
@@ -469,16 +638,31 @@ def main(argv=None) -> int:
     p.add_argument("--images-root", help="build: images root")
     p.add_argument("--rows", type=int, default=0, help="build: rows of a synthetic click log (with --images)")
     p.add_argument("--images", type=int, default=2000, help="build: distinct images of the synthetic click log")
-    p.add_argument("--queries", type=int, default=0, help="build: distinct queries (default rows/5)")
+    p.add_argument("--queries", type=int, default=0,
+                   help="build: distinct queries (default rows/5); search: evaluation queries (default 1000)")
     p.add_argument("--images-per-query", type=int, default=0,
                    help="build: each query clicks one of its K images (0: any image)")
     p.add_argument("--image-side", type=int, default=96, help="build: width of the synthetic JPEGs")
     p.add_argument("--engine", default="local", help="build: engines to run, comma-separated (local,spark)")
     p.add_argument("--spark-master", default="local[2]", help="build: Spark master of --engine spark")
+    p.add_argument("--n", type=int, default=1_000_000, help="search: vectors in the collection")
+    p.add_argument("--dim", type=int, default=256, help="search: dimension")
+    p.add_argument("--centres", type=int, default=10_000, help="search: cluster centres of the synthetic vectors")
+    p.add_argument("--sigma", type=float, default=1.0, help="search: noise around a centre (norm ~ sigma)")
+    p.add_argument("--k", type=int, default=10, help="search: neighbours (recall@k)")
+    p.add_argument("--memory", default="2.5G", help="search: memory budget of the index plan (2.5G, 512M)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="search: recall the tuning aims at")
+    p.add_argument("--kinds", default="exact,auto",
+                   help="search: exact, auto (the plan's choice), ivf_flat, ivf_sq8, ivf_pq, hnsw_flat")
+    p.add_argument("--tune-queries", type=int, default=500, help="search: queries that tune nprobe/efSearch")
+    p.add_argument("--latency-queries", type=int, default=1000, help="search: single-query searches timed")
+    p.add_argument("--exact-below", type=int, default=50_000, help="search: exact index below this size")
+    p.add_argument("--threads", type=int, default=0, help="search: faiss threads of the build (0: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="search: seed of the synthetic collection")
     p.add_argument("--json", default=None, help="output JSON (default bench_<mode>.json)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides (build: extra builder options)")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the options
-    if args.mode != "build":
+    if args.mode not in ("build", "search"):
         from pretrain.dist import init_distributed
         if args.mode != "memory":
             init_distributed("cpu")
@@ -488,7 +672,8 @@ def main(argv=None) -> int:
     scratch = tempfile.mkdtemp(prefix=f"bench_{args.mode}_")
     tempfile.tempdir = os.environ["TMPDIR"] = scratch  # TMPDIR: spawned workers too
     try:
-        out = {"train": mode_train, "memory": mode_memory, "data": mode_data, "build": mode_build}[args.mode](
+        out = {"train": mode_train, "memory": mode_memory, "data": mode_data, "build": mode_build,
+               "search": mode_search}[args.mode](
             args, args.overrides)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
