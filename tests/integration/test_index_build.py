@@ -227,3 +227,26 @@ def test_two_ranges_merged_equal_one_pass(demo, exports, val_index, tmp_path):
     run("build", "--export", exports[1], "--shards", shards, "--out", other, "--range", "0:1", "--parts-only")
     assert "another export" in one_line_error(run("merge", "--export", exports[0], "--out", str(tmp_path / "m2"),
                                                   r1, other, check=False))
+
+
+def test_two_processes_share_the_shards(demo, exports, val_index, tmp_path):
+    """Two real processes (torch.distributed over gloo, as deepspeed/torchrun start them) embed alternate shards;
+    rank 0 assembles the same index as one process."""
+    from _tiny import free_port
+    out = str(tmp_path / "two")
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([PY, TOOL, "build", "--export", exports[0], "--shards", str(demo / "val"),
+                                       "--out", out], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "rank 1: shard" in logs[1] and "rank 0: shard" in logs[0]       # both embedded a share
+    a, b = index_state(val_index), index_state(out)
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k])
+    assert a[2] == b[2]
+    np.testing.assert_allclose(a[3], b[3], atol=1e-6)
