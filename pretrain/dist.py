@@ -99,6 +99,17 @@ def init_distributed(device: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def start_tool(device_choice: str = "auto") -> str:
+    """For tools that several processes may run (``deepspeed --num_gpus N tools/x.py`` or torchrun): the device
+    (``auto``: cuda when available), and torch.distributed started when WORLD_SIZE > 1 (each rank on its GPU)."""
+    device = "cuda" if device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available()) else "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed(device)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

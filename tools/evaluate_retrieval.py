@@ -127,11 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pretrain.data.karpathy import read_karpathy
     from pretrain.vse.model import load_vse_export
 
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_distributed(device)
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = dist.start_tool(args.device)
     rank, world = dist.rank(), dist.world_size()
     setup_logging(rank)
     logging.getLogger("pretrain.data").setLevel(logging.WARNING)

@@ -74,19 +74,13 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ build
 def cmd_build(args) -> int:
-    import torch
-
     from pretrain import dist
     from pretrain.search import ann
-    from pretrain.search.index import (SearchIndexError, assemble, check_parts_export, complete_parts, embed_shard,
+    from pretrain.search.index import (SearchIndexError, check_parts_export, complete_parts, embed_shard,
                                        export_checksum, load_towers)
 
-    memory = ann.parse_bytes(args.memory)
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_distributed(device)
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    ann.parse_bytes(args.memory)  # a bad --memory fails before the embedding pass, not after it
+    device = dist.start_tool(args.device)
     rank, world = dist.rank(), dist.world_size()
     checksum = export_checksum(args.export)
     shards = _shard_list(args.shards)
@@ -250,8 +244,6 @@ def draw_sheet(index, query: str, hits: List[Dict[str, Any]], path: str) -> None
 def cmd_eval(args) -> int:
     """t2i hit@k through the index: distinct held-out queries (first text of each query id, in reading order),
     relevant = the images they clicked that the index holds."""
-    import numpy as np
-
     from pretrain.data import read_shard
     from pretrain.data.samples import sample_fields
     from pretrain.search import ann
@@ -301,7 +293,12 @@ def cmd_serve(args) -> int:
 
     index = SearchIndex.open(args.index, export=args.export)
     serve(index, host=args.host, port=args.port)
-    return 0
+    # Stopped by SIGINT/SIGTERM: nothing is left to write. Leave without running the C++ libraries' static
+    # destructors, which can abort ("terminate called without an active exception") while a daemon request
+    # thread is still inside a torch or faiss call.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -76,13 +76,10 @@ def embed_query_texts(model, tokenizer, max_length: int, texts: Sequence[str], b
     """Q x D float32 text embeddings (padding to max_length, as the evaluation does)."""
     import torch
 
-    use_tokens = getattr(model, "text_kind", "transformer") == "gru"
     rows = []
-    with torch.no_grad():
+    with torch.no_grad():      # a Hugging Face tokenizer, or the WordVocab of a GRU export (raw strings both)
         for s in range(0, len(texts), batch_size):
             chunk = list(texts[s:s + batch_size])
-            if use_tokens:
-                chunk = [tokenizer.tokenize(t) if hasattr(tokenizer, "tokenize") else t for t in chunk]
             tok = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
             rows.append(model.text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu())
     dim = rows[0].shape[1] if rows else 0
@@ -230,9 +227,10 @@ class _Rows:
     image_id: np.ndarray    # int64
 
 
-def _load_part_arrays(part: Dict[str, Any]) -> Dict[str, np.ndarray]:
+def _load_part_array(part: Dict[str, Any], key: str) -> np.ndarray:
+    """One array of a part (an npz member is read on its own: the thumbnails stay on disk)."""
     with np.load(os.path.join(part["_folder"], "parts", part["name"] + ".npz")) as z:
-        return {k: z[k] for k in z.files}
+        return z[key]
 
 
 def _vector_chunks(parts: List[Dict[str, Any]], rows: _Rows) -> Iterator[np.ndarray]:
@@ -240,7 +238,7 @@ def _vector_chunks(parts: List[Dict[str, Any]], rows: _Rows) -> Iterator[np.ndar
     for p, part in enumerate(parts):
         sel = rows.local[rows.part == p]
         if sel.size:
-            yield np.ascontiguousarray(_load_part_arrays(part)["emb"][sel], dtype=np.float32)
+            yield np.ascontiguousarray(_load_part_array(part, "emb")[sel], dtype=np.float32)
 
 
 def assemble(parts: List[Dict[str, Any]], out_dir: str, *, export_dir: str, checksum: str, memory_bytes: int,
@@ -271,7 +269,7 @@ def assemble(parts: List[Dict[str, Any]], out_dir: str, *, export_dir: str, chec
     for p, part in enumerate(parts):
         if not part["images"]:
             continue
-        ids = _load_part_arrays(part)["image_id"]
+        ids = _load_part_array(part, "image_id")
         for j, iid in enumerate(ids.tolist()):
             row = where.get(iid)
             if row is None:
@@ -347,7 +345,7 @@ def _chunks_subset(parts: List[Dict[str, Any]], rows: _Rows, pick: np.ndarray) -
         in_part = np.nonzero(rows.part == p)[0]
         sel = np.intersect1d(in_part, pick, assume_unique=True)
         if sel.size:
-            yield _load_part_arrays(part)["emb"][rows.local[sel]].astype(np.float32)
+            yield _load_part_array(part, "emb")[rows.local[sel]].astype(np.float32)
 
 
 def _sum_skips(parts: List[Dict[str, Any]]) -> Dict[str, int]:
