@@ -75,11 +75,12 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 # ------------------------------------------------------------------------------------------------ build
 def cmd_build(args) -> int:
     from pretrain import dist
-    from pretrain.search import ann
     from pretrain.search.index import (SearchIndexError, check_parts_export, complete_parts, embed_shard,
                                        export_checksum, load_towers)
 
-    ann.parse_bytes(args.memory)  # a bad --memory fails before the embedding pass, not after it
+    _check_assembly_options(args)  # bad options fail before the embedding pass, not after it
+    if args.batch_size < 1 or args.thumb_size < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --thumb-size >= 0, got {args.batch_size} and {args.thumb_size}")
     device = dist.start_tool(args.device)
     rank, world = dist.rank(), dist.world_size()
     checksum = export_checksum(args.export)
@@ -130,6 +131,16 @@ def cmd_build(args) -> int:
     return _assemble_and_report(chosen, args)
 
 
+def _check_assembly_options(args) -> None:
+    from pretrain.search import ann
+
+    ann.parse_bytes(args.memory)
+    if not 0 < args.target_recall <= 1:
+        raise ValueError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if args.recall_queries < 1 or args.exact_below < 0 or args.threads < 0:
+        raise ValueError("--recall-queries must be >= 1, --exact-below and --threads >= 0")
+
+
 def _assemble_and_report(parts: List[Dict[str, Any]], args) -> int:
     from pretrain.search import ann
     from pretrain.search.index import assemble, export_checksum, load_towers
@@ -152,6 +163,7 @@ def _assemble_and_report(parts: List[Dict[str, Any]], args) -> int:
 def cmd_merge(args) -> int:
     from pretrain.search.index import SearchIndexError, check_parts_export, complete_parts, export_checksum
 
+    _check_assembly_options(args)
     checksum = export_checksum(args.export)
     merged: Dict[int, Dict[str, Any]] = {}
     for folder in args.folders:

@@ -169,6 +169,12 @@ def test_search_cli_and_refusals(val_index, exports, tmp_path):
     assert "another export" in one_line_error(
         run("build", "--export", exports[1], "--shards", os.path.dirname(json.load(
             open(os.path.join(val_index, "index.json")))["parts"][0]["url"]), "--out", val_index, check=False))
+    shards_dir = os.path.dirname(json.load(open(os.path.join(val_index, "index.json")))["parts"][0]["url"])
+    for bad, words in ((("--memory", "lots"), "as a size"), (("--range", "5:2"), "--range"),
+                       (("--batch-size", "0"), "--batch-size"), (("--target-recall", "1.5"), "--target-recall")):
+        assert words in one_line_error(run("build", "--export", exports[0], "--shards", shards_dir, "--out",
+                                           str(tmp_path / "bad"), *bad, check=False))
+    assert not os.path.exists(tmp_path / "bad")                       # refused before anything was written
     broken = tmp_path / "broken"
     os.makedirs(broken / "parts")
     assert "not a complete index" in one_line_error(run("search", "--index", str(broken), "x", check=False))
