@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 THUMB_SIZE = 160
 QUERIES_KEPT = 5
-PART_GLOB_SUFFIX = ".json"
 
 
 class SearchIndexError(ValueError):
@@ -303,7 +302,7 @@ def assemble(parts: List[Dict[str, Any]], out_dir: str, *, export_dir: str, chec
     train = None
     if want:
         pick = np.sort(rng.choice(n, size=want, replace=False))
-        train = np.concatenate([c for c in _chunks_subset(parts, rows, pick)]) if want else None
+        train = np.concatenate(list(_chunks_subset(parts, rows, pick)))
     t_build = time.time()
     index = ann.build_index(plan, _vector_chunks(parts, rows), train, threads=threads)
     del train
