@@ -95,6 +95,13 @@ class WenLanConfig:
     in_batch_block: bool = False
     """Score the other tower's *query* embeddings of the whole global batch, with gradients to both towers (the
     OpenCLIP block, positive q_I.q_T), and append the queue's momentum keys as extra negatives."""
+    queue_loss: str = "joint"
+    """With ``in_batch_block``: where the queue's keys are scored. ``joint``: as extra columns of the block's
+    softmax (the positive is then a query embedding, the queue's negatives momentum keys: a query can tell the
+    two apart by age alone). ``separate``: in a MoCo term of its own, added with ``queue_loss_weight``, where
+    each query scores its own momentum key against the queue (positive and negatives from the same towers)."""
+    queue_loss_weight: float = 1.0
+    """Weight of the separate queue term."""
     queue_start_step: int = 0
     """Queue entries count as negatives only from this optimizer step on (before: masked), while the towers
     still move too fast for their keys to be consistent."""
@@ -114,6 +121,15 @@ class WenLanConfig:
     softmax over the same columns; 0: off."""
     distill_ramp_steps: int = 0
     """Optimizer steps over which alpha grows linearly from 0 to ``distill_alpha``."""
+    distill_teacher: str = "cross"
+    """Whose softmax the distillation target is. ``cross`` (ALBEF): the momentum towers' own cross-modal scores
+    (image key against the text columns, text key against the image columns). ``caption``: the momentum text
+    tower's caption-to-caption scores, the same target in both directions: each row's caption key against the
+    caption keys of the pairs behind every column (the batch's and the text queue's, which holds the captions
+    of the image queue's pairs slot by slot). A column whose caption says what the row's caption says is then
+    not pushed away in full, which is what a queue of thousands of pairs needs (it holds many near-duplicates)."""
+    distill_temperature: float = 0.0
+    """Temperature of the teacher's softmax; 0: the current tau."""
     key_precision: str = "auto"
     """Dtype of the momentum towers' forward (no gradient): ``auto`` (bf16 on CUDA and on CPUs with AMX, fp32
     elsewhere: bf16 is 20x slower than fp32 on CPUs without it), ``fp32``, ``bf16``, ``fp16``."""
@@ -235,6 +251,8 @@ ALLOWED = {
     "wenlan.momentum_schedule": ("constant", "cosine"),
     "wenlan.click_weighting": ("none", "log", "sqrt"),
     "wenlan.key_precision": ("auto", "fp32", "bf16", "fp16"),
+    "wenlan.distill_teacher": ("cross", "caption"),
+    "wenlan.queue_loss": ("joint", "separate"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.device": ("auto", "cpu", "cuda"),
@@ -249,7 +267,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          "train.log_every", "train.save_every", "train.keep_checkpoints", "data.shuffle_buffer",
                          "train.max_bad_steps_in_row"])
     check_unit_interval(cfg, ["wenlan.momentum", "wenlan.momentum_end", "wenlan.distill_alpha"])
-    check_non_negative(cfg, ["wenlan.queue_start_step", "wenlan.distill_ramp_steps"])
+    check_non_negative(cfg, ["wenlan.queue_start_step", "wenlan.distill_ramp_steps", "wenlan.distill_temperature",
+                             "wenlan.queue_loss_weight"])
     w = cfg.wenlan
     if not 0 < w.temperature_min <= w.temperature <= w.temperature_max:
         raise ConfigError(

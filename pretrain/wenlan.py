@@ -167,12 +167,23 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
     key_cols_t = all_k_text if (cfg.in_batch_block or cfg.in_batch_negatives) else k_text
     key_cols_i = all_k_image if (cfg.in_batch_block or cfg.in_batch_negatives) else k_image
 
-    def direction(q, k_self, batch_cols, key_batch_cols, queue: NegativeQueue):
+    # the caption-to-caption scores of the momentum text tower (distill_teacher: caption), both directions
+    teacher_rows, teacher_queue = k_text, text_queue.features
+    teacher_batch = all_k_text if (cfg.in_batch_block or cfg.in_batch_negatives) else k_text
+    if (cfg.queue_center or cfg.queue_recenter) and bool(text_queue.valid().any()):  # as the text queue is scored
+        valid = text_queue.valid()
+        shift = -teacher_queue[valid].float().mean(0)
+        if cfg.queue_recenter:
+            shift = shift + teacher_batch.detach().float().mean(0)
+        teacher_queue = teacher_queue + shift.to(teacher_queue.dtype).unsqueeze(0)
+
+    def direction(q, k_self, batch_cols, key_batch_cols, queue: NegativeQueue, queue_on=True, pos=pos,
+                  batch_mask=batch_mask, bqids=bqids, biids=biids, teacher_batch=teacher_batch):
         ids_q, ids_i = torch.cat([bqids, queue.query_ids]), torch.cat([biids, queue.image_ids])
         qmask = torch.zeros(m, queue.size, dtype=torch.bool, device=q.device)
         if cfg.mask_unfilled:
             qmask |= ~queue.valid().unsqueeze(0)
-        if step < cfg.queue_start_step:
+        if step < cfg.queue_start_step or not queue_on:
             qmask[:] = True
         mask = torch.cat([batch_mask, qmask], dim=1)
         if cfg.mask_false_negatives:  # same query or same clicked image as the positive pair
@@ -195,7 +206,11 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         targets = None
         if distill_alpha > 0:  # ALBEF: the momentum towers' softmax over the same columns, mixed with one-hot
             with torch.no_grad():
-                t_logits = (k_self.float() @ torch.cat([key_batch_cols, queue_feats]).float().t()) / tau.detach()
+                t_tau = cfg.distill_temperature or tau.detach()
+                if cfg.distill_teacher == "caption":
+                    t_logits = (teacher_rows.float() @ torch.cat([teacher_batch, teacher_queue]).float().t()) / t_tau
+                else:
+                    t_logits = (k_self.float() @ torch.cat([key_batch_cols, queue_feats]).float().t()) / t_tau
                 if bias is not None:
                     t_logits = t_logits + bias
                 m_ = mask.clone()
@@ -204,12 +219,24 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
                 targets = distill_alpha * soft + (1 - distill_alpha) * F.one_hot(pos, cols.shape[0]).float()
         return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size)
 
-    loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue)
-    loss_t2i, s_t2i = direction(q_text, k_text, cols_i, key_cols_i, image_queue)
-    out = {"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(),
-           "temperature": tau.detach().float()}
+    separate = cfg.in_batch_block and cfg.queue_loss == "separate"
+    loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue, queue_on=not separate)
+    loss_t2i, s_t2i = direction(q_text, k_text, cols_i, key_cols_i, image_queue, queue_on=not separate)
+    out = {"temperature": tau.detach().float()}
     for name in s_i2t:
         out[name] = (s_i2t[name] + s_t2i[name]) / 2
+    if separate:  # MoCo's term of its own: each query against its own momentum key, then the queue
+        own = dict(pos=torch.arange(m, device=q_image.device),
+                   batch_mask=~torch.eye(m, dtype=torch.bool, device=q_image.device),
+                   bqids=query_ids, biids=image_ids, teacher_batch=k_text)
+        lq_i2t, sq_i2t = direction(q_image, k_image, k_text, k_text, text_queue, **own)
+        lq_t2i, sq_t2i = direction(q_text, k_text, k_image, k_image, image_queue, **own)
+        w = cfg.queue_loss_weight
+        out["loss_queue"] = (lq_i2t + lq_t2i).detach()
+        for name in ("queue_masked_frac", "queue_mass"):
+            out[name] = (sq_i2t[name] + sq_t2i[name]) / 2
+        loss_i2t, loss_t2i = loss_i2t + w * lq_i2t, loss_t2i + w * lq_t2i
+    out.update({"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()})
     with torch.no_grad():  # key lag: cosine between a sample's query and momentum-key embeddings
         out["key_lag_cos_image"] = (q_image.detach().float() * k_image.float()).sum(-1).mean()
         out["key_lag_cos_text"] = (q_text.detach().float() * k_text.float()).sum(-1).mean()

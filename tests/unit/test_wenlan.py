@@ -46,9 +46,12 @@ def test_queue_ring_matches_reference(size, batch_sizes):
 
 def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_iids, tau, *, batch_counts,
                   mask_unfilled=True, mask_fn=True, queue_on=True, bias=0.0, key_q=None, key_batch=None, alpha=0.0,
-                  weights=None, center=False, recenter=False):
+                  weights=None, center=False, recenter=False, key_queue=None, teacher_tau=None,
+                  recenter_on=None):
     """Loop over rows: the positive (column ``pos_col[i]`` of the batch block), then batch negatives (if
-    ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q``."""
+    ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q`` against
+    ``key_batch`` and ``key_queue`` (default: the queue's own features) at ``teacher_tau`` (default: tau)."""
+    ttau = teacher_tau or tau
     q = q.double()
     filled = int(queue.filled)
     feats = queue.features.double()
@@ -57,7 +60,8 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
         feats = feats - mean
     if recenter:  # the queue's mean moved onto the mean of this step's keys (key_batch)
         mean = sum(feats[j] for j in range(filled)) / filled
-        kmean = sum(key_batch[j].double() for j in range(key_batch.shape[0])) / key_batch.shape[0]
+        on = key_batch if recenter_on is None else recenter_on  # this step's keys of the queue's modality
+        kmean = sum(on[j].double() for j in range(on.shape[0])) / on.shape[0]
         feats = feats - mean + kmean
     losses = []
     for i in range(q.shape[0]):
@@ -65,7 +69,7 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
         def add(vec, kvec, b=0.0):
             cols.append(float(q[i] @ vec.double()) / tau + b)
             if key_q is not None:
-                kcols.append(float(key_q[i].double() @ kvec.double()) / tau + b)
+                kcols.append(float(key_q[i].double() @ kvec.double()) / ttau + b)
         p = int(pos_col[i])
         add(batch_cols[p], None if key_batch is None else key_batch[p])
         for j in range(batch_cols.shape[0]):
@@ -79,7 +83,7 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
                 continue
             if mask_fn and (int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])):
                 continue
-            add(feats[j], feats[j], bias)
+            add(feats[j], feats[j] if key_queue is None else key_queue.features[j], bias)
         mx = max(cols)
         logp = [c - (mx + math.log(sum(math.exp(x - mx) for x in cols))) for c in cols]
         if alpha > 0:
@@ -154,6 +158,63 @@ def test_wenlan_loss_matches_reference(variant):
            + ref_direction(qt, pos, qi if block else ki, iq, qids, iids, qids, iids, tau, key_q=kt, key_batch=ki,
                            **common))
     assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_caption_teacher_matches_reference(block):
+    """``distill_teacher: caption``: in both directions the target is the softmax of the row's caption key
+    against the caption keys behind every column (batch keys, then the *text* queue, also for the image queue's
+    columns), at ``distill_temperature``."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau, alpha = 0.1, 0.4
+    cfg = WenLanConfig(in_batch_block=block, distill_teacher="caption", distill_temperature=0.2)
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                      gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                      image_ids=iids, distill_alpha=alpha)
+    common = dict(batch_counts=block, alpha=alpha, key_q=kt, key_batch=kt, key_queue=tq, teacher_tau=0.2)
+    pos = torch.arange(5)
+    ref = (ref_direction(qi, pos, qt if block else kt, tq, qids, iids, qids, iids, tau, **common)
+           + ref_direction(qt, pos, qi if block else ki, iq, qids, iids, qids, iids, tau, **common))
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+    cross = wenlan_loss(WenLanConfig(in_batch_block=block, distill_temperature=0.2), qi, qt, torch.tensor(tau), 3,
+                        ki, kt, _gathered(ki, kt, qids, iids), iq, tq, qids, iids, distill_alpha=alpha)
+    assert abs(cross["loss"].item() - ref) > 1e-4  # the reference tells the two teachers apart
+
+
+@pytest.mark.parametrize("teacher", ["", "cross", "caption", "caption_recenter"])
+def test_separate_queue_term_matches_reference(teacher):
+    """``queue_loss: separate``: the OpenCLIP block alone (no queue columns), plus ``queue_loss_weight`` x a MoCo
+    term in which each query scores its own momentum key (the positive) against the queue. With
+    ``queue_recenter`` the caption teacher's text queue is recentred on this step's text keys as well."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau, alpha = 0.1, (0.4 if teacher else 0.0)
+    recenter = teacher.endswith("recenter")
+    cfg = WenLanConfig(in_batch_block=True, queue_loss="separate", queue_loss_weight=0.5, queue_logit_bias=-0.7,
+                       distill_teacher=teacher.split("_")[0] or "cross", queue_recenter=recenter)
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                      gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                      image_ids=iids, distill_alpha=alpha)
+    pos = torch.arange(5)
+    if teacher.startswith("caption"):
+        key_queue = tq
+        if recenter:  # the 6 written slots' mean moved onto the mean of the 5 text keys
+            f = tq.features.double().clone()
+            f = f - f[:6].mean(0) + kt.double().mean(0)
+            key_queue = type("Q", (), {"features": f})()
+        t_i2t = t_t2i = dict(key_q=kt, key_batch=kt, key_queue=key_queue)
+    else:
+        t_i2t, t_t2i = dict(key_q=ki, key_batch=kt), dict(key_q=kt, key_batch=ki)
+    common = dict(alpha=alpha, bias=-0.7, recenter=recenter)
+    block = (ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, batch_counts=True, queue_on=False,
+                           **common, **t_i2t)
+             + ref_direction(qt, pos, qi, iq, qids, iids, qids, iids, tau, batch_counts=True, queue_on=False,
+                             **common, **t_t2i))
+    moco = (ref_direction(qi, pos, kt, tq, qids, iids, qids, iids, tau, batch_counts=False, recenter_on=kt,
+                          **common, **t_i2t)
+            + ref_direction(qt, pos, ki, iq, qids, iids, qids, iids, tau, batch_counts=False, recenter_on=ki,
+                            **common, **t_t2i))
+    assert out["loss"].item() == pytest.approx(block + 0.5 * moco, rel=1e-5)
+    assert out["loss_queue"].item() == pytest.approx(moco, rel=1e-5)
 
 
 def test_masking_changes_the_loss():
