@@ -88,6 +88,11 @@ class WenLanConfig:
     """Queue slots never written are masked (not scored as negatives)."""
     mask_false_negatives: bool = True
     """Queue entries with the positive's query id (text queue) or image id (image queue) are masked."""
+    queue_positives: bool = False
+    """Columns (queue entries and, with the block, other pairs of the batch) sharing the row's query id or image
+    id are positives instead of masked negatives: the target is spread evenly over them and the row's own
+    positive (SupCon). In a caption set they are the photo's other captions; in a click log, the other queries
+    that clicked the image and the other images clicked for the query: the positives a batch of 16 lacks."""
     in_batch_negatives: bool = False
     """Also score the keys of the whole global batch (all ranks) as negatives."""
     click_weighting: str = "none"

@@ -99,13 +99,15 @@ class WenLanModel(nn.Module):
 
 def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor,
              bias: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-             weights: Optional[torch.Tensor] = None, queue_cols: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+             weights: Optional[torch.Tensor] = None, queue_cols: int = 0,
+             positives: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Cross-entropy of each row's positive among its columns, plus diagnostics.
 
     q: M x D; cols: N x D (the last ``queue_cols`` of them are queue entries); pos: M (column of each
     row's positive); mask: M x N, True = excluded (never the positive); bias: N, added to the logits
     after the division by tau; targets: M x N soft targets (rows sum to 1) instead of one-hot;
-    weights: M per-row weights (click weighting). Diagnostics are cosines, not logits.
+    weights: M per-row weights (click weighting); positives: M x N, True = a further positive of the row (not
+    counted as a negative in the diagnostics). Diagnostics are cosines, not logits.
     """
     m = q.shape[0]
     rows = torch.arange(m, device=q.device)
@@ -124,7 +126,7 @@ def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch
         per_row = -(targets * logp.masked_fill(mask, 0.0)).sum(1)
     loss = per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum()
     with torch.no_grad():
-        neg = mask.clone()
+        neg = mask.clone() if positives is None else mask | positives
         neg[rows, pos] = True                                                    # M x N: True = not a negative
         c = cos.detach().float()
         has_neg = (~neg).any(1)
@@ -137,6 +139,8 @@ def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch
                  "effective_negatives": entropy.exp()[has_neg].mean() if has_neg.any() else c.new_tensor(0.0),
                  "queue_masked_frac": mask[:, -k:].float().mean() if queue_cols else c.new_tensor(float("nan")),
                  "queue_mass": p[:, -k:].sum(1).mean() if queue_cols else c.new_tensor(0.0)}
+        if positives is not None:
+            stats["extra_positives"] = positives.float().sum(1).mean()
     return loss, stats
 
 
@@ -186,8 +190,14 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         if step < cfg.queue_start_step or not queue_on:
             qmask[:] = True
         mask = torch.cat([batch_mask, qmask], dim=1)
-        if cfg.mask_false_negatives:  # same query or same clicked image as the positive pair
-            mask |= (ids_q.unsqueeze(0) == query_ids.unsqueeze(1)) | (ids_i.unsqueeze(0) == image_ids.unsqueeze(1))
+        # same query or same clicked image as the positive pair: masked, or (queue_positives) positives
+        same = (ids_q.unsqueeze(0) == query_ids.unsqueeze(1)) | (ids_i.unsqueeze(0) == image_ids.unsqueeze(1))
+        extra = None
+        if cfg.queue_positives:
+            extra = same & ~mask
+            extra[torch.arange(m), pos] = False
+        elif cfg.mask_false_negatives:
+            mask |= same
         bias = None
         if cfg.queue_logit_bias:
             bias = torch.cat([torch.zeros(batch_cols.shape[0], device=q.device),
@@ -203,7 +213,11 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
                 shift = key_batch_cols.detach().float().mean(0) - queue_feats[valid].float().mean(0)
                 queue_feats = queue_feats + shift.to(queue_feats.dtype).unsqueeze(0)
         cols = torch.cat([batch_cols.to(q.dtype), queue_feats.to(q.dtype)])
-        targets = None
+        targets = hot = None
+        if extra is not None:  # the target is spread evenly over the positive and the extra positives (SupCon)
+            hot = F.one_hot(pos, cols.shape[0]).float() + extra.float()
+            hot = hot / hot.sum(1, keepdim=True)
+            targets = hot
         if distill_alpha > 0:  # ALBEF: the momentum towers' softmax over the same columns, mixed with one-hot
             with torch.no_grad():
                 t_tau = cfg.distill_temperature or tau.detach()
@@ -216,8 +230,10 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
                 m_ = mask.clone()
                 m_[torch.arange(m), pos] = False
                 soft = F.softmax(t_logits.masked_fill(m_, float("-inf")), dim=1)
-                targets = distill_alpha * soft + (1 - distill_alpha) * F.one_hot(pos, cols.shape[0]).float()
-        return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size)
+                if hot is None:
+                    hot = F.one_hot(pos, cols.shape[0]).float()
+                targets = distill_alpha * soft + (1 - distill_alpha) * hot
+        return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size, positives=extra)
 
     separate = cfg.in_batch_block and cfg.queue_loss == "separate"
     loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue, queue_on=not separate)
@@ -235,6 +251,8 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         out["loss_queue"] = (lq_i2t + lq_t2i).detach()
         for name in ("queue_masked_frac", "queue_mass"):
             out[name] = (sq_i2t[name] + sq_t2i[name]) / 2
+        if "extra_positives" in sq_i2t:  # per row, over both terms
+            out["extra_positives"] = out["extra_positives"] + (sq_i2t["extra_positives"] + sq_t2i["extra_positives"]) / 2
         loss_i2t, loss_t2i = loss_i2t + w * lq_i2t, loss_t2i + w * lq_t2i
     out.update({"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()})
     with torch.no_grad():  # key lag: cosine between a sample's query and momentum-key embeddings

@@ -47,7 +47,7 @@ def test_queue_ring_matches_reference(size, batch_sizes):
 def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_iids, tau, *, batch_counts,
                   mask_unfilled=True, mask_fn=True, queue_on=True, bias=0.0, key_q=None, key_batch=None, alpha=0.0,
                   weights=None, center=False, recenter=False, key_queue=None, teacher_tau=None,
-                  recenter_on=None):
+                  recenter_on=None, extra_pos=False):
     """Loop over rows: the positive (column ``pos_col[i]`` of the batch block), then batch negatives (if
     ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q`` against
     ``key_batch`` and ``key_queue`` (default: the queue's own features) at ``teacher_tau`` (default: tau)."""
@@ -65,8 +65,9 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
         feats = feats - mean + kmean
     losses = []
     for i in range(q.shape[0]):
-        cols, kcols = [], []          # (logit, key logit) of the positive, then every kept negative
-        def add(vec, kvec, b=0.0):
+        cols, kcols, is_pos = [], [], []  # (logit, key logit) of the positive, then every kept column
+        def add(vec, kvec, b=0.0, positive=False):
+            is_pos.append(positive or not cols)
             cols.append(float(q[i] @ vec.double()) / tau + b)
             if key_q is not None:
                 kcols.append(float(key_q[i].double() @ kvec.double()) / ttau + b)
@@ -75,25 +76,28 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
         for j in range(batch_cols.shape[0]):
             if j == p or not batch_counts:
                 continue
-            if mask_fn and (int(batch_qids[j]) == int(qids[i]) or int(batch_iids[j]) == int(iids[i])):
+            shares = int(batch_qids[j]) == int(qids[i]) or int(batch_iids[j]) == int(iids[i])
+            if mask_fn and shares and not extra_pos:
                 continue
-            add(batch_cols[j], None if key_batch is None else key_batch[j])
+            add(batch_cols[j], None if key_batch is None else key_batch[j], positive=extra_pos and shares)
         for j in range(queue.size):
             if not queue_on or (mask_unfilled and j >= filled):
                 continue
-            if mask_fn and (int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])):
+            shares = int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])
+            if mask_fn and shares and not extra_pos:
                 continue
-            add(feats[j], feats[j] if key_queue is None else key_queue.features[j], bias)
+            add(feats[j], feats[j] if key_queue is None else key_queue.features[j], bias, positive=extra_pos and shares)
         mx = max(cols)
         logp = [c - (mx + math.log(sum(math.exp(x - mx) for x in cols))) for c in cols]
+        hot = [1.0 / sum(is_pos) if t else 0.0 for t in is_pos]  # even over the positives
         if alpha > 0:
             kmx = max(kcols)
             z = sum(math.exp(x - kmx) for x in kcols)
             soft = [math.exp(x - kmx) / z for x in kcols]
-            target = [alpha * s + (1 - alpha) * (1.0 if t == 0 else 0.0) for t, s in enumerate(soft)]
+            target = [alpha * s + (1 - alpha) * h for s, h in zip(soft, hot)]
             losses.append(-sum(t * l for t, l in zip(target, logp)))
         else:
-            losses.append(-logp[0])
+            losses.append(-sum(h * l for h, l in zip(hot, logp)))
     losses = np.array(losses)
     if weights is None:
         return losses.mean()
@@ -215,6 +219,37 @@ def test_separate_queue_term_matches_reference(teacher):
                             **common, **t_t2i))
     assert out["loss"].item() == pytest.approx(block + 0.5 * moco, rel=1e-5)
     assert out["loss_queue"].item() == pytest.approx(moco, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["moco", "block", "block_distill", "separate"])
+def test_queue_positives_match_reference(variant):
+    """``queue_positives``: columns sharing the row's query or image id are positives, the target even over them
+    and the row's own positive; in ``separate`` mode only the MoCo term's queue has them (the block's other
+    pairs: here two rows share image 10 and two share query 2)."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau, alpha = 0.1, (0.4 if "distill" in variant else 0.0)
+    block = variant != "moco"
+    cfg = WenLanConfig(in_batch_block=block, queue_positives=True, queue_loss="separate" if variant == "separate" else "joint")
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                      gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                      image_ids=iids, distill_alpha=alpha)
+    pos = torch.arange(5)
+    common = dict(alpha=alpha, extra_pos=True)
+    if variant == "separate":
+        ref = (ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, batch_counts=True, queue_on=False, **common)
+               + ref_direction(qt, pos, qi, iq, qids, iids, qids, iids, tau, batch_counts=True, queue_on=False, **common)
+               + ref_direction(qi, pos, kt, tq, qids, iids, qids, iids, tau, batch_counts=False, **common)
+               + ref_direction(qt, pos, ki, iq, qids, iids, qids, iids, tau, batch_counts=False, **common))
+    else:
+        ref = (ref_direction(qi, pos, qt if block else kt, tq, qids, iids, qids, iids, tau, batch_counts=block,
+                             key_q=ki, key_batch=kt, **common)
+               + ref_direction(qt, pos, qi if block else ki, iq, qids, iids, qids, iids, tau, batch_counts=block,
+                               key_q=kt, key_batch=ki, **common))
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+    plain = wenlan_loss(WenLanConfig(in_batch_block=block), qi, qt, torch.tensor(tau), 3, ki, kt,
+                        _gathered(ki, kt, qids, iids), iq, tq, qids, iids, distill_alpha=alpha)
+    assert abs(plain["loss"].item() - ref) > 1e-3  # the queue's shared ids are in play in this setup
+    assert float(out["extra_positives"]) > 0
 
 
 def test_masking_changes_the_loss():
