@@ -135,6 +135,15 @@ class WenLanConfig:
     not pushed away in full, which is what a queue of thousands of pairs needs (it holds many near-duplicates)."""
     distill_temperature: float = 0.0
     """Temperature of the teacher's softmax; 0: the current tau."""
+    image_ssl_weight: float = 0.0
+    """Weight of an image-to-image MoCo term (SLIP's self-supervision, with WenLan's own parts): the momentum image
+    tower embeds a second, strongly augmented view of each photo (``image_ssl_crop_min``, flips), and each image
+    query must pick its own view's key among the image queue's keys (same image id masked). The key forward runs
+    anyway, so the term costs no extra forward; the image queue then holds the keys of these views. 0: off."""
+    image_ssl_crop_min: float = 0.3
+    """Smallest area fraction of the second view's random-resized crop (taken on the batch tensor)."""
+    image_ssl_temperature: float = 0.1
+    """Fixed temperature of the image-to-image term."""
     key_precision: str = "auto"
     """Dtype of the momentum towers' forward (no gradient): ``auto`` (bf16 on CUDA and on CPUs with AMX, fp32
     elsewhere: bf16 is 20x slower than fp32 on CPUs without it), ``fp32``, ``bf16``, ``fp16``."""
@@ -273,12 +282,18 @@ def validate(cfg: RunConfig) -> RunConfig:
                          "train.max_bad_steps_in_row"])
     check_unit_interval(cfg, ["wenlan.momentum", "wenlan.momentum_end", "wenlan.distill_alpha"])
     check_non_negative(cfg, ["wenlan.queue_start_step", "wenlan.distill_ramp_steps", "wenlan.distill_temperature",
-                             "wenlan.queue_loss_weight"])
+                             "wenlan.queue_loss_weight", "wenlan.image_ssl_weight"])
     w = cfg.wenlan
     if not 0 < w.temperature_min <= w.temperature <= w.temperature_max:
         raise ConfigError(
             f"config keys 'wenlan.temperature_min' <= 'wenlan.temperature' <= 'wenlan.temperature_max' must hold "
             f"with a positive minimum, got {w.temperature_min}, {w.temperature}, {w.temperature_max}")
+    if not 0.0 < w.image_ssl_crop_min <= 1.0 or w.image_ssl_temperature <= 0:
+        raise ConfigError(f"config keys 'wenlan.image_ssl_crop_min' must be in (0, 1] and 'wenlan.image_ssl_temperature' "
+                          f"positive, got {w.image_ssl_crop_min}, {w.image_ssl_temperature}")
+    if w.image_ssl_weight > 0 and (w.mode != "momentum" or w.momentum == 0.0):
+        raise ConfigError("config key 'wenlan.image_ssl_weight' needs momentum towers (wenlan.mode: momentum with "
+                          f"wenlan.momentum > 0), got mode {w.mode!r}, momentum {w.momentum}")
     check_non_negative(cfg, ["data.num_workers", "train.eval_every"])
     check_unit_interval(cfg, ["data.max_bad_fraction"])
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:

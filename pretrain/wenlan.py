@@ -255,10 +255,34 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
             out["extra_positives"] = out["extra_positives"] + (sq_i2t["extra_positives"] + sq_t2i["extra_positives"]) / 2
         loss_i2t, loss_t2i = loss_i2t + w * lq_i2t, loss_t2i + w * lq_t2i
     out.update({"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()})
+    if cfg.image_ssl_weight > 0:  # image query against its other view's momentum key, then the image queue
+        qmask = ~image_queue.valid().unsqueeze(0) | (image_queue.image_ids.unsqueeze(0) == image_ids.unsqueeze(1))
+        mask = torch.cat([~torch.eye(m, dtype=torch.bool, device=q_image.device), qmask], dim=1)
+        l_ssl, s_ssl = info_nce(q_image, torch.cat([k_image, image_queue.features]), torch.arange(m, device=q_image.device),
+                                mask, torch.tensor(cfg.image_ssl_temperature, device=q_image.device),
+                                queue_cols=image_queue.size)
+        out["loss_image_ssl"], out["image_ssl_pos_cos"] = l_ssl.detach(), s_ssl["pos_cos"]
+        out["loss"] = out["loss"] + cfg.image_ssl_weight * l_ssl
     with torch.no_grad():  # key lag: cosine between a sample's query and momentum-key embeddings
         out["key_lag_cos_image"] = (q_image.detach().float() * k_image.float()).sum(-1).mean()
         out["key_lag_cos_text"] = (q_text.detach().float() * k_text.float()).sum(-1).mean()
     return out
+
+
+@torch.no_grad()
+def random_resized_views(images: torch.Tensor, scale_min: float, hflip: float = 0.5) -> torch.Tensor:
+    """A random-resized crop of each image of the batch (area in [scale_min, 1], aspect ratio in [3/4, 4/3]),
+    flipped with probability ``hflip``, resampled to the same size (bilinear, one ``grid_sample``)."""
+    b, dev = images.shape[0], images.device
+    area = torch.empty(b, device=dev).uniform_(scale_min, 1.0)
+    ratio = torch.exp(torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    sx, sy = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)  # half-extents in [-1, 1]
+    tx, ty = (torch.rand(b, device=dev) * 2 - 1) * (1 - sx), (torch.rand(b, device=dev) * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(b, device=dev) < hflip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(images.dtype)
 
 
 def in_batch_loss(q_image: torch.Tensor, q_text: torch.Tensor, tau: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -468,7 +492,9 @@ class WenLanStep:
         t0 = self._clock()
         k_image = k_text = gathered = None
         if momentum_towers:
-            k_image, k_text = self.keys.keys(images, ids, mask)                     # M x D each, no grad
+            key_images = (random_resized_views(images, self.cfg.image_ssl_crop_min) if self.cfg.image_ssl_weight > 0
+                          else images)
+            k_image, k_text = self.keys.keys(key_images, ids, mask)                 # M x D each, no grad
         t1 = self._clock()
         if momentum_towers:
             gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order

@@ -383,3 +383,39 @@ def test_distill_alpha_ramp():
     assert distill_alpha_at(9, c) == pytest.approx(0.4)
     assert distill_alpha_at(50, c) == pytest.approx(0.4)
     assert distill_alpha_at(5, WenLanConfig()) == 0.0
+
+
+def test_image_ssl_term_matches_reference():
+    """``image_ssl_weight``: each image query against its own momentum image key, then every filled image-queue
+    slot of another image, at the fixed ``image_ssl_temperature``; added to the cross-modal loss."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    cfg = WenLanConfig(in_batch_block=True, image_ssl_weight=0.5, image_ssl_temperature=0.2)
+    base = WenLanConfig(in_batch_block=True)
+    args = (qi, qt, torch.tensor(0.1), 3, ki, kt, _gathered(ki, kt, qids, iids), iq, tq, qids, iids)
+    out, plain = wenlan_loss(cfg, *args), wenlan_loss(base, *args)
+    losses = []
+    for i in range(5):
+        logits = [float(qi[i].double() @ ki[i].double()) / 0.2]
+        for j in range(int(iq.filled)):
+            if int(iq.image_ids[j]) != int(iids[i]):
+                logits.append(float(qi[i].double() @ iq.features[j].double()) / 0.2)
+        mx = max(logits)
+        losses.append(-(logits[0] - mx - math.log(sum(math.exp(x - mx) for x in logits))))
+    ref = float(np.mean(losses))
+    assert out["loss_image_ssl"].item() == pytest.approx(ref, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * ref, rel=1e-5)
+
+
+def test_random_resized_views_flip_and_crop():
+    from pretrain.wenlan import random_resized_views
+    torch.manual_seed(0)
+    img = torch.zeros(4, 3, 32, 32)
+    img[..., :16] = 1.0                                            # left half bright
+    flipped = random_resized_views(img, scale_min=1.0, hflip=1.0)   # full area (aspect 3/4..4/3), always flipped
+    assert flipped.shape == img.shape
+    assert bool((flipped[..., 20:].mean((1, 2, 3)) > 0.9).all()) and bool((flipped[..., :12].mean((1, 2, 3)) < 0.1).all())
+    const = torch.full((4, 3, 32, 32), 0.25)
+    assert torch.allclose(random_resized_views(const, scale_min=0.2), const, atol=1e-6)
+    small = random_resized_views(torch.arange(32.0).expand(4, 3, 32, 32).clone(), scale_min=0.1, hflip=0.0)
+    span = small[..., -1] - small[..., 0]                          # a crop of a ramp spans less of it
+    assert bool((span > 0).all()) and float(span.mean()) < 31
