@@ -178,10 +178,10 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         valid = text_queue.valid()
         shift = -teacher_queue[valid].float().mean(0)
         if cfg.queue_recenter:
-            shift = shift + teacher_batch.detach().float().mean(0)
+            shift = shift + all_k_text.float().mean(0)
         teacher_queue = teacher_queue + shift.to(teacher_queue.dtype).unsqueeze(0)
 
-    def direction(q, k_self, batch_cols, key_batch_cols, queue: NegativeQueue, queue_on=True, pos=pos,
+    def direction(q, k_self, batch_cols, key_batch_cols, queue: NegativeQueue, center_on, queue_on=True, pos=pos,
                   batch_mask=batch_mask, bqids=bqids, biids=biids, teacher_batch=teacher_batch):
         ids_q, ids_i = torch.cat([bqids, queue.query_ids]), torch.cat([biids, queue.image_ids])
         qmask = torch.zeros(m, queue.size, dtype=torch.bool, device=q.device)
@@ -210,7 +210,7 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         elif cfg.queue_recenter:  # Q_j - mean Q + mean of this step's keys: the queue's centre follows the towers
             valid = queue.valid()
             if bool(valid.any()):
-                shift = key_batch_cols.detach().float().mean(0) - queue_feats[valid].float().mean(0)
+                shift = center_on.float().mean(0) - queue_feats[valid].float().mean(0)  # this step's keys, all ranks
                 queue_feats = queue_feats + shift.to(queue_feats.dtype).unsqueeze(0)
         cols = torch.cat([batch_cols.to(q.dtype), queue_feats.to(q.dtype)])
         targets = hot = None
@@ -236,8 +236,8 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size, positives=extra)
 
     separate = cfg.in_batch_block and cfg.queue_loss == "separate"
-    loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue, queue_on=not separate)
-    loss_t2i, s_t2i = direction(q_text, k_text, cols_i, key_cols_i, image_queue, queue_on=not separate)
+    loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue, all_k_text, queue_on=not separate)
+    loss_t2i, s_t2i = direction(q_text, k_text, cols_i, key_cols_i, image_queue, all_k_image, queue_on=not separate)
     out = {"temperature": tau.detach().float()}
     for name in s_i2t:
         out[name] = (s_i2t[name] + s_t2i[name]) / 2
@@ -245,8 +245,8 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         own = dict(pos=torch.arange(m, device=q_image.device),
                    batch_mask=~torch.eye(m, dtype=torch.bool, device=q_image.device),
                    bqids=query_ids, biids=image_ids, teacher_batch=k_text)
-        lq_i2t, sq_i2t = direction(q_image, k_image, k_text, k_text, text_queue, **own)
-        lq_t2i, sq_t2i = direction(q_text, k_text, k_image, k_image, image_queue, **own)
+        lq_i2t, sq_i2t = direction(q_image, k_image, k_text, k_text, text_queue, all_k_text, **own)
+        lq_t2i, sq_t2i = direction(q_text, k_text, k_image, k_image, image_queue, all_k_image, **own)
         w = cfg.queue_loss_weight
         out["loss_queue"] = (lq_i2t + lq_t2i).detach()
         for name in ("queue_masked_frac", "queue_mass"):
