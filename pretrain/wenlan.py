@@ -171,15 +171,22 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
     key_cols_t = all_k_text if (cfg.in_batch_block or cfg.in_batch_negatives) else k_text
     key_cols_i = all_k_image if (cfg.in_batch_block or cfg.in_batch_negatives) else k_image
 
+    def centred(queue: NegativeQueue, center_on):
+        """The queue's features as they are scored: minus the filled entries' mean (queue_center), or with that
+        mean moved onto this step's keys of all ranks (queue_recenter)."""
+        feats, valid = queue.features, queue.valid()
+        if not (cfg.queue_center or cfg.queue_recenter) or not bool(valid.any()):
+            return feats
+        shift = -feats[valid].float().mean(0)
+        if not cfg.queue_center:
+            shift = shift + center_on.float().mean(0)
+        return feats + shift.to(feats.dtype).unsqueeze(0)
+
     # the caption-to-caption scores of the momentum text tower (distill_teacher: caption), both directions
-    teacher_rows, teacher_queue = k_text, text_queue.features
+    teacher_rows, teacher_queue = k_text, None
     teacher_batch = all_k_text if (cfg.in_batch_block or cfg.in_batch_negatives) else k_text
-    if (cfg.queue_center or cfg.queue_recenter) and bool(text_queue.valid().any()):  # as the text queue is scored
-        valid = text_queue.valid()
-        shift = -teacher_queue[valid].float().mean(0)
-        if cfg.queue_recenter:
-            shift = shift + all_k_text.float().mean(0)
-        teacher_queue = teacher_queue + shift.to(teacher_queue.dtype).unsqueeze(0)
+    if cfg.distill_teacher == "caption" and distill_alpha > 0:
+        teacher_queue = centred(text_queue, all_k_text)
 
     def direction(q, k_self, batch_cols, key_batch_cols, queue: NegativeQueue, center_on, queue_on=True, pos=pos,
                   batch_mask=batch_mask, bqids=bqids, biids=biids, teacher_batch=teacher_batch):
@@ -202,16 +209,7 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         if cfg.queue_logit_bias:
             bias = torch.cat([torch.zeros(batch_cols.shape[0], device=q.device),
                               torch.full((queue.size,), cfg.queue_logit_bias, device=q.device)])
-        queue_feats = queue.features
-        if cfg.queue_center:  # score q.(Q_j - mean Q): drifting away from the old keys as a whole gains nothing
-            valid = queue.valid()
-            if bool(valid.any()):
-                queue_feats = queue_feats - queue_feats[valid].mean(0, keepdim=True)
-        elif cfg.queue_recenter:  # Q_j - mean Q + mean of this step's keys: the queue's centre follows the towers
-            valid = queue.valid()
-            if bool(valid.any()):
-                shift = center_on.float().mean(0) - queue_feats[valid].float().mean(0)  # this step's keys, all ranks
-                queue_feats = queue_feats + shift.to(queue_feats.dtype).unsqueeze(0)
+        queue_feats = centred(queue, center_on)  # drifting away from the old keys as a whole gains nothing
         cols = torch.cat([batch_cols.to(q.dtype), queue_feats.to(q.dtype)])
         targets = hot = None
         if extra is not None:  # the target is spread evenly over the positive and the extra positives (SupCon)
