@@ -45,6 +45,9 @@ class TextTowerConfig:
     """Tokens per query (padded / truncated)."""
     pooling: str = "mean"
     """``mean`` (masked mean of token states), ``cls`` or ``attention``."""
+    lock: bool = False
+    """LiT-style: the text encoder's weights are frozen (no gradient, no optimizer state, eval mode: no dropout);
+    its pooling and projection head still train. Needs ``pretrained: true``."""
 
 
 @dataclass
@@ -144,6 +147,14 @@ class WenLanConfig:
     """Smallest area fraction of the second view's random-resized crop (taken on the batch tensor)."""
     image_ssl_temperature: float = 0.1
     """Fixed temperature of the image-to-image term."""
+    text_queue_features: bool = False
+    """With ``model.text.lock`` (a frozen pretrained text encoder): the text queue holds the frozen encoder's
+    pooled features instead of momentum keys, and every step projects them with the *current* text head (in the
+    same call as the batch, with gradient): its negatives are then exactly as fresh as the batch's, with no key
+    lag and no age to tell them apart by. Needs momentum towers and ``model.text.pooling`` mean or cls."""
+    queue_directions: str = "both"
+    """Which queries score a queue: ``both``, ``i2t`` (image queries against the text queue only: with a
+    from-scratch image tower the image queue's keys go stale within steps) or ``t2i``."""
     key_precision: str = "auto"
     """Dtype of the momentum towers' forward (no gradient): ``auto`` (bf16 on CUDA and on CPUs with AMX, fp32
     elsewhere: bf16 is 20x slower than fp32 on CPUs without it), ``fp32``, ``bf16``, ``fp16``."""
@@ -267,6 +278,7 @@ ALLOWED = {
     "wenlan.key_precision": ("auto", "fp32", "bf16", "fp16"),
     "wenlan.distill_teacher": ("cross", "caption"),
     "wenlan.queue_loss": ("joint", "separate"),
+    "wenlan.queue_directions": ("both", "i2t", "t2i"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.device": ("auto", "cpu", "cuda"),
@@ -294,6 +306,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     if w.image_ssl_weight > 0 and (w.mode != "momentum" or w.momentum == 0.0):
         raise ConfigError("config key 'wenlan.image_ssl_weight' needs momentum towers (wenlan.mode: momentum with "
                           f"wenlan.momentum > 0), got mode {w.mode!r}, momentum {w.momentum}")
+    if w.text_queue_features and not (cfg.model.text.lock and w.mode == "momentum" and w.momentum > 0.0
+                                      and cfg.model.text.pooling in ("mean", "cls")):
+        raise ConfigError(
+            "config key 'wenlan.text_queue_features' stores the frozen text encoder's pooled features: it needs "
+            "model.text.lock=true, wenlan.mode=momentum with wenlan.momentum > 0 and model.text.pooling mean or cls "
+            f"(got lock={cfg.model.text.lock}, mode={w.mode!r}, momentum={w.momentum}, "
+            f"pooling={cfg.model.text.pooling!r})")
+    if cfg.model.text.lock and not cfg.model.text.pretrained:
+        raise ConfigError("config key 'model.text.lock' freezes a pretrained text encoder, but "
+                          "'model.text.pretrained' is false (a random encoder would stay random): set "
+                          "model.text.pretrained=true or model.text.lock=false")
     check_non_negative(cfg, ["data.num_workers", "train.eval_every"])
     check_unit_interval(cfg, ["data.max_bad_fraction"])
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:

@@ -133,14 +133,44 @@ class TextTower(nn.Module):
         self.num_features = hf_config.hidden_size
         self.pool = Pooling(cfg.pooling, self.num_features, has_cls=True, layers=attention_pool_layers)
         self.proj = projection(self.num_features, projection_hidden, embed_dim)
+        self.locked = bool(cfg.lock)
+        if self.locked:  # LiT: a frozen pretrained encoder, trained pooling and head
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.locked:
+            self.encoder.eval()  # no dropout in a frozen encoder: its features are a fixed function of the text
+        return self
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.locked:
+            with torch.no_grad():  # no graph through a frozen encoder
+                return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                bank: Optional[torch.Tensor] = None):
+        """B x D embeddings. ``tokens``: the frozen encoder's output for this batch, already computed (``lock``:
+        see ``frozen_features``). ``bank``: K x C pooled features (of a locked encoder) projected by the same
+        head in the same call; then returns (B x D, K x D)."""
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-        tokens = self.forward_tokens(input_ids, attention_mask)
-        return F.normalize(self.proj(self.pool(tokens, attention_mask)), dim=-1)
+        if tokens is None:
+            tokens = self.forward_tokens(input_ids, attention_mask)
+        pooled = self.pool(tokens, attention_mask)
+        if bank is None:
+            return F.normalize(self.proj(pooled), dim=-1)
+        both = F.normalize(self.proj(torch.cat([pooled, bank.to(pooled.dtype)])), dim=-1)
+        return both[:pooled.shape[0]], both[pooled.shape[0]:]
+
+    @torch.no_grad()
+    def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``lock`` only: the frozen encoder's token features of the (trimmed) batch and their pooled vectors
+        (B x C; parameter-free pooling), which the query forward can reuse instead of running the encoder again."""
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
+        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return tokens, self.pool(tokens, attention_mask)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -168,9 +198,13 @@ class DualEncoder(nn.Module):
             self.image.set_grad_checkpointing(True)
             self.text.set_grad_checkpointing(True)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.image(images), self.text(input_ids, attention_mask)
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                text_tokens: Optional[torch.Tensor] = None, text_bank: Optional[torch.Tensor] = None):
+        """(image B x D, text B x D[, text bank K x D]); ``text_tokens`` / ``text_bank``: see ``TextTower.forward``."""
+        text = self.text(input_ids, attention_mask, tokens=text_tokens, bank=text_bank)
+        if text_bank is None:
+            return self.image(images), text
+        return (self.image(images),) + tuple(text)
 
 
 def image_transform(image_tower: nn.Module, image_size: int, train: bool = False, crop_scale_min: float = 1.0,

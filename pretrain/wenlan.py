@@ -92,9 +92,12 @@ class WenLanModel(nn.Module):
         c = self.cfg
         return 1.0 / self.logit_scale.clamp(math.log(1 / c.temperature_max), math.log(1 / c.temperature_min)).exp()[0]
 
-    def forward(self, images, input_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q_image, q_text = self.query(images, input_ids, attention_mask)          # M x D each
-        return q_image, q_text, self.temperature()
+    def forward(self, images, input_ids, attention_mask, text_tokens=None, text_bank=None):
+        """(q_image, q_text, tau), M x D each; with ``text_bank`` (K x C frozen pooled text features) also the
+        bank projected by the current text head, K x D. ``text_tokens``: the frozen text encoder's output for
+        this batch when the momentum towers computed it already (``model.text.lock``)."""
+        out = self.query(images, input_ids, attention_mask, text_tokens, text_bank)
+        return out[0], out[1], self.temperature(), *out[2:]
 
 
 def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor,
@@ -142,6 +145,18 @@ def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch
         if positives is not None:
             stats["extra_positives"] = positives.float().sum(1).mean()
     return loss, stats
+
+
+class ScoredQueue:
+    """A queue's ids and fill, scored with other features: the frozen text features projected by the current
+    head (``text_queue_features``), K x D, with gradient."""
+
+    def __init__(self, queue: NegativeQueue, features: torch.Tensor):
+        self.queue, self.features, self.size = queue, features, queue.size
+        self.query_ids, self.image_ids = queue.query_ids, queue.image_ids
+
+    def valid(self) -> torch.Tensor:
+        return self.queue.valid()
 
 
 def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None, k_text=None, gathered=None,
@@ -234,8 +249,11 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size, positives=extra)
 
     separate = cfg.in_batch_block and cfg.queue_loss == "separate"
-    loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue, all_k_text, queue_on=not separate)
-    loss_t2i, s_t2i = direction(q_text, k_text, cols_i, key_cols_i, image_queue, all_k_image, queue_on=not separate)
+    on_i2t, on_t2i = cfg.queue_directions in ("both", "i2t"), cfg.queue_directions in ("both", "t2i")
+    loss_i2t, s_i2t = direction(q_image, k_image, cols_t, key_cols_t, text_queue, all_k_text,
+                                queue_on=on_i2t and not separate)
+    loss_t2i, s_t2i = direction(q_text, k_text, cols_i, key_cols_i, image_queue, all_k_image,
+                                queue_on=on_t2i and not separate)
     out = {"temperature": tau.detach().float()}
     for name in s_i2t:
         out[name] = (s_i2t[name] + s_t2i[name]) / 2
@@ -243,8 +261,9 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         own = dict(pos=torch.arange(m, device=q_image.device),
                    batch_mask=~torch.eye(m, dtype=torch.bool, device=q_image.device),
                    bqids=query_ids, biids=image_ids, teacher_batch=k_text)
-        lq_i2t, sq_i2t = direction(q_image, k_image, k_text, k_text, text_queue, all_k_text, **own)
-        lq_t2i, sq_t2i = direction(q_text, k_text, k_image, k_image, image_queue, all_k_image, **own)
+        lq_i2t, sq_i2t = direction(q_image, k_image, k_text, k_text, text_queue, all_k_text, queue_on=on_i2t, **own)
+        lq_t2i, sq_t2i = direction(q_text, k_text, k_image, k_image, image_queue, all_k_image, queue_on=on_t2i, **own)
+        lq_i2t, lq_t2i = lq_i2t * on_i2t, lq_t2i * on_t2i  # a direction without its queue has no MoCo term
         w = cfg.queue_loss_weight
         out["loss_queue"] = (lq_i2t + lq_t2i).detach()
         for name in ("queue_masked_frac", "queue_mass"):
@@ -395,6 +414,10 @@ class KeyEncoders:
                                                      "zero_optimization": {"stage": 3}})
         self.image_queue = NegativeQueue(cfg.queue_size, embed_dim).to(device)
         self.text_queue = NegativeQueue(cfg.queue_size, embed_dim).to(device)
+        # a frozen text encoder (model.text.lock) is its own momentum copy: run it once per step, reuse its output
+        self.text_locked = key is not None and bool(getattr(key.text, "locked", False))
+        self.text_feature_queue = (NegativeQueue(cfg.queue_size, key.text.num_features).to(device)
+                                   if cfg.text_queue_features and self.text_locked else None)
 
     def _gathered(self, modifier_rank=None):
         if not self.partitioned:
@@ -404,19 +427,31 @@ class KeyEncoders:
 
     @torch.no_grad()
     def keys(self, images, input_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.keys_and_text_features(images, input_ids, attention_mask)[:2]
+
+    @torch.no_grad()
+    def keys_and_text_features(self, images, input_ids, attention_mask):
+        """(k_image, k_text, text_features): ``text_features`` is None, or with a locked text encoder its
+        (tokens, pooled) for this batch: the query forward reuses the tokens, the feature queue the pooled rows."""
         images = images.float() if images.is_floating_point() else images
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         cast = (torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None
                 else contextlib.nullcontext())
+        feats = None
         with self._gathered(), cast:
-            k_image, k_text = self.key(images, input_ids, attention_mask)
-        return F.normalize(k_image.float(), dim=-1), F.normalize(k_text.float(), dim=-1)
+            if self.text_locked:
+                feats = self.key.text.frozen_features(input_ids, attention_mask)
+                k_image, k_text = self.key(images, input_ids, attention_mask, text_tokens=feats[0])
+            else:
+                k_image, k_text = self.key(images, input_ids, attention_mask)
+        return F.normalize(k_image.float(), dim=-1), F.normalize(k_text.float(), dim=-1), feats
 
     @torch.no_grad()
     def update(self, query: nn.Module, m: float, query_partitioned: bool) -> None:
         """g <- m*g + (1-m)*f after an optimizer step (fp32, fused)."""
-        key_params, query_params = list(self.key.parameters()), list(query.parameters())
+        pairs = [(k, q) for k, q in zip(self.key.parameters(), query.parameters()) if q.requires_grad]
+        key_params, query_params = [k for k, _ in pairs], [q for _, q in pairs]  # frozen ones never move
         if self.partitioned:
             momentum_update([k.ds_tensor for k in key_params], [q.ds_tensor for q in query_params], m)
         elif query_partitioned:  # ZeRO-3 query encoders with full momentum copies: gather f first
@@ -432,15 +467,20 @@ class KeyEncoders:
             return [p.detach().clone() for p in self.key.parameters()]
 
     @torch.no_grad()
-    def enqueue(self, gathered, step: int) -> None:
-        """Enqueue the keys of every rank (from ``gather_keys``), in rank order."""
+    def enqueue(self, gathered, step: int, all_text_features: Optional[torch.Tensor] = None) -> None:
+        """Enqueue the keys of every rank (from ``gather_keys``), in rank order; with ``text_queue_features`` also
+        the gathered pooled frozen text features."""
         all_k_image, all_k_text, all_q, all_i = gathered
         self.image_queue.enqueue(all_k_image, all_q, all_i, step)
         self.text_queue.enqueue(all_k_text, all_q, all_i, step)
+        if self.text_feature_queue is not None and all_text_features is not None:
+            self.text_feature_queue.enqueue(all_text_features, all_q, all_i, step)
 
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """Full (unpartitioned) state; collective when partitioned."""
         out = {"image_queue": self.image_queue.state_dict(), "text_queue": self.text_queue.state_dict()}
+        if self.text_feature_queue is not None:
+            out["text_feature_queue"] = self.text_feature_queue.state_dict()
         if self.key is not None:
             with self._gathered():
                 out["key"] = {k: v.detach().clone() for k, v in self.key.state_dict().items()}
@@ -455,6 +495,8 @@ class KeyEncoders:
                 self.key.load_state_dict(state["key"])
         self.image_queue.load_state_dict(state["image_queue"])
         self.text_queue.load_state_dict(state["text_queue"])
+        if self.text_feature_queue is not None and "text_feature_queue" in state:  # else it refills from empty
+            self.text_feature_queue.load_state_dict(state["text_feature_queue"])
 
 
 class WenLanStep:
@@ -488,22 +530,33 @@ class WenLanStep:
         qid, iid = batch["query_id"], batch["image_id"]
         momentum_towers = self.keys is not None and self.keys.key is not None
         t0 = self._clock()
-        k_image = k_text = gathered = None
+        k_image = k_text = gathered = text_feats = all_text_feats = None
         if momentum_towers:
             key_images = (random_resized_views(images, self.cfg.image_ssl_crop_min) if self.cfg.image_ssl_weight > 0
                           else images)
-            k_image, k_text = self.keys.keys(key_images, ids, mask)                 # M x D each, no grad
+            k_image, k_text, text_feats = self.keys.keys_and_text_features(key_images, ids, mask)  # no grad
         t1 = self._clock()
+        feature_queue = self.keys.text_feature_queue if self.keys is not None else None
         if momentum_towers:
             gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order
+            if feature_queue is not None:
+                all_text_feats = dist.concat_all_gather(text_feats[1].float().contiguous())
         t2 = self._clock()
+        extra = {}
+        if text_feats is not None:  # the frozen text encoder ran once, in the key forward
+            extra["text_tokens"] = text_feats[0]
+        if feature_queue is not None:
+            extra["text_bank"] = feature_queue.features
         with self.autocast:
-            q_image, q_text, tau = self.engine(images, ids, mask)
+            q_image, q_text, tau, *bank = self.engine(images, ids, mask, **extra)
+        text_queue = self.keys and self.keys.text_queue
+        if bank:  # the text queue's features as the current head sees them
+            text_queue = ScoredQueue(feature_queue, bank[0].float())
         if self.keys is not None and not momentum_towers:  # m = 0: the keys are the query embeddings
             k_image, k_text = q_image.detach().float(), q_text.detach().float()
             gathered = gather_keys(k_image, k_text, qid, iid)
         out = wenlan_loss(self.cfg, q_image, q_text, tau, step, k_image, k_text, gathered,
-                          self.keys and self.keys.image_queue, self.keys and self.keys.text_queue, qid, iid,
+                          self.keys and self.keys.image_queue, text_queue, qid, iid,
                           batch.get("clicks"), distill_alpha_at(step, self.cfg))
         loss = out["loss"] * float("nan") if poison else out["loss"]
         t3 = self._clock()
@@ -512,7 +565,7 @@ class WenLanStep:
         self.engine.backward(loss)
         t4 = self._clock()
         if self.keys is not None:
-            self.keys.enqueue(gathered, step)
+            self.keys.enqueue(gathered, step, all_text_feats)
         t5 = self._clock()
         phases = [("query_forward", t3 - t2), ("backward", t4 - t3)]
         if self.keys is not None:  # the in-batch mode has no key towers and no queue: nothing to time there

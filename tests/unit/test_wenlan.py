@@ -419,3 +419,26 @@ def test_random_resized_views_flip_and_crop():
     small = random_resized_views(torch.arange(32.0).expand(4, 3, 32, 32).clone(), scale_min=0.1, hflip=0.0)
     span = small[..., -1] - small[..., 0]                          # a crop of a ramp spans less of it
     assert bool((span > 0).all()) and float(span.mean()) < 31
+
+
+@pytest.mark.parametrize("directions", ["i2t", "t2i"])
+def test_queue_directions_match_reference(directions):
+    """``queue_directions``: only the named direction's queries score their queue; the other direction is the
+    OpenCLIP block alone. Also with the separate MoCo term: the direction without its queue adds no term."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau = 0.1
+    pos = torch.arange(5)
+    for separate in (False, True):
+        cfg = WenLanConfig(mode="momentum", in_batch_block=True, queue_directions=directions,
+                           queue_loss="separate" if separate else "joint", queue_loss_weight=0.5)
+        out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                          gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                          image_ids=iids)
+        common = dict(batch_counts=True)
+        on_i2t, on_t2i = directions == "i2t", directions == "t2i"
+        ref = (ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, queue_on=on_i2t and not separate, **common)
+               + ref_direction(qt, pos, qi, iq, qids, iids, qids, iids, tau, queue_on=on_t2i and not separate, **common))
+        if separate:  # the MoCo term: own momentum key, then the queue; only for the direction with a queue
+            q, k, queue = (qi, kt, tq) if on_i2t else (qt, ki, iq)
+            ref += 0.5 * ref_direction(q, pos, k, queue, qids, iids, qids, iids, tau, batch_counts=False)
+        assert out["loss"].item() == pytest.approx(ref, rel=1e-5), (directions, separate)
