@@ -151,7 +151,7 @@ class WenLanConfig:
     """With ``model.text.lock`` (a frozen pretrained text encoder): the text queue holds the frozen encoder's
     pooled features instead of momentum keys, and every step projects them with the *current* text head (in the
     same call as the batch, with gradient): its negatives are then exactly as fresh as the batch's, with no key
-    lag and no age to tell them apart by. Needs momentum towers and ``model.text.pooling`` mean or cls."""
+    lag and no age to tell them apart by. Needs ``model.text.pooling`` mean or cls."""
     queue_directions: str = "both"
     """Which queries score a queue: ``both``, ``i2t`` (image queries against the text queue only: with a
     from-scratch image tower the image queue's keys go stale within steps) or ``t2i``."""
@@ -306,13 +306,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if w.image_ssl_weight > 0 and (w.mode != "momentum" or w.momentum == 0.0):
         raise ConfigError("config key 'wenlan.image_ssl_weight' needs momentum towers (wenlan.mode: momentum with "
                           f"wenlan.momentum > 0), got mode {w.mode!r}, momentum {w.momentum}")
-    if w.text_queue_features and not (cfg.model.text.lock and w.mode == "momentum" and w.momentum > 0.0
+    if w.text_queue_features and not (cfg.model.text.lock and w.mode == "momentum"
                                       and cfg.model.text.pooling in ("mean", "cls")):
         raise ConfigError(
             "config key 'wenlan.text_queue_features' stores the frozen text encoder's pooled features: it needs "
-            "model.text.lock=true, wenlan.mode=momentum with wenlan.momentum > 0 and model.text.pooling mean or cls "
-            f"(got lock={cfg.model.text.lock}, mode={w.mode!r}, momentum={w.momentum}, "
-            f"pooling={cfg.model.text.pooling!r})")
+            "model.text.lock=true, wenlan.mode=momentum and model.text.pooling mean or cls "
+            f"(got lock={cfg.model.text.lock}, mode={w.mode!r}, pooling={cfg.model.text.pooling!r})")
     if cfg.model.text.lock and not cfg.model.text.pretrained:
         raise ConfigError("config key 'model.text.lock' freezes a pretrained text encoder, but "
                           "'model.text.pretrained' is false (a random encoder would stay random): set "

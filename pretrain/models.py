@@ -154,7 +154,7 @@ class TextTower(nn.Module):
                 bank: Optional[torch.Tensor] = None):
         """B x D embeddings. ``tokens``: the frozen encoder's output for this batch, already computed (``lock``:
         see ``frozen_features``). ``bank``: K x C pooled features (of a locked encoder) projected by the same
-        head in the same call; then returns (B x D, K x D)."""
+        head in the same call; then returns (B x D, K x D, this batch's pooled features B x C, detached)."""
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         if tokens is None:
             tokens = self.forward_tokens(input_ids, attention_mask)
@@ -162,7 +162,7 @@ class TextTower(nn.Module):
         if bank is None:
             return F.normalize(self.proj(pooled), dim=-1)
         both = F.normalize(self.proj(torch.cat([pooled, bank.to(pooled.dtype)])), dim=-1)
-        return both[:pooled.shape[0]], both[pooled.shape[0]:]
+        return both[:pooled.shape[0]], both[pooled.shape[0]:], pooled.detach().float()
 
     @torch.no_grad()
     def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +200,7 @@ class DualEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 text_tokens: Optional[torch.Tensor] = None, text_bank: Optional[torch.Tensor] = None):
-        """(image B x D, text B x D[, text bank K x D]); ``text_tokens`` / ``text_bank``: see ``TextTower.forward``."""
+        """(image B x D, text B x D[, text bank K x D, pooled text B x C]); see ``TextTower.forward``."""
         text = self.text(input_ids, attention_mask, tokens=text_tokens, bank=text_bank)
         if text_bank is None:
             return self.image(images), text

@@ -94,7 +94,7 @@ class WenLanModel(nn.Module):
 
     def forward(self, images, input_ids, attention_mask, text_tokens=None, text_bank=None):
         """(q_image, q_text, tau), M x D each; with ``text_bank`` (K x C frozen pooled text features) also the
-        bank projected by the current text head, K x D. ``text_tokens``: the frozen text encoder's output for
+        bank projected by the current text head, K x D, and this batch's pooled features, M x C. ``text_tokens``: the frozen text encoder's output for
         this batch when the momentum towers computed it already (``model.text.lock``)."""
         out = self.query(images, input_ids, attention_mask, text_tokens, text_bank)
         return out[0], out[1], self.temperature(), *out[2:]
@@ -399,7 +399,7 @@ class KeyEncoders:
     """
 
     def __init__(self, key: Optional[DualEncoder], cfg: WenLanConfig, embed_dim: int, device: torch.device,
-                 partitioned: bool = False):
+                 partitioned: bool = False, text_feature_dim: int = 0):
         self.cfg = cfg
         self.key = key.to(device) if key is not None else None
         self.partitioned = partitioned and key is not None
@@ -416,8 +416,8 @@ class KeyEncoders:
         self.text_queue = NegativeQueue(cfg.queue_size, embed_dim).to(device)
         # a frozen text encoder (model.text.lock) is its own momentum copy: run it once per step, reuse its output
         self.text_locked = key is not None and bool(getattr(key.text, "locked", False))
-        self.text_feature_queue = (NegativeQueue(cfg.queue_size, key.text.num_features).to(device)
-                                   if cfg.text_queue_features and self.text_locked else None)
+        self.text_feature_queue = (NegativeQueue(cfg.queue_size, text_feature_dim).to(device)
+                                   if cfg.text_queue_features and text_feature_dim else None)
 
     def _gathered(self, modifier_rank=None):
         if not self.partitioned:
@@ -515,8 +515,11 @@ class WenLanStep:
                  device: torch.device, autocast, total_steps: int, zero_stage: int):
         self.engine, self.cfg, self.device, self.autocast = engine, cfg, device, autocast
         self.total_steps, self.zero_stage = total_steps, zero_stage
+        text = engine.module.query.text
+        feature_dim = text.num_features if getattr(text, "locked", False) else 0
         self.keys = (KeyEncoders(key if not key_towers_are_query(cfg) else None, cfg, embed_dim, device,
-                                 partitioned=zero_stage == 3) if cfg.mode == "momentum" else None)
+                                 partitioned=zero_stage == 3, text_feature_dim=feature_dim)
+                     if cfg.mode == "momentum" else None)
 
     def _clock(self) -> float:
         if self.device.type == "cuda":  # kernels are asynchronous: without this, forward time lands in backward
@@ -539,8 +542,6 @@ class WenLanStep:
         feature_queue = self.keys.text_feature_queue if self.keys is not None else None
         if momentum_towers:
             gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order
-            if feature_queue is not None:
-                all_text_feats = dist.concat_all_gather(text_feats[1].float().contiguous())
         t2 = self._clock()
         extra = {}
         if text_feats is not None:  # the frozen text encoder ran once, in the key forward
@@ -550,8 +551,9 @@ class WenLanStep:
         with self.autocast:
             q_image, q_text, tau, *bank = self.engine(images, ids, mask, **extra)
         text_queue = self.keys and self.keys.text_queue
-        if bank:  # the text queue's features as the current head sees them
+        if bank:  # the text queue's features as the current head sees them; this batch's pooled features
             text_queue = ScoredQueue(feature_queue, bank[0].float())
+            all_text_feats = dist.concat_all_gather(bank[1].contiguous())
         if self.keys is not None and not momentum_towers:  # m = 0: the keys are the query embeddings
             k_image, k_text = q_image.detach().float(), q_text.detach().float()
             gathered = gather_keys(k_image, k_text, qid, iid)

@@ -1,5 +1,5 @@
 """A locked text tower with the text feature queue (model.text.lock, wenlan.text_queue_features), 2 real processes
-(gloo), ZeRO 0 and 3. Each step's loss equals a reference computed here from first principles: the frozen
+(gloo), ZeRO 0 and 3 with momentum towers, ZeRO 2 without (momentum 0). Each step's loss equals a reference computed here from first principles: the frozen
 MiniLM's mean-pooled features (a separately loaded Hugging Face model), the query text head applied to them and to
 the queued features, the OpenCLIP block over both ranks' rows plus the text queue for image queries only
 (``queue_directions: i2t``), unfilled and same-id slots masked. The queue holds both ranks' pooled features in rank
@@ -28,7 +28,7 @@ def _lse_loss(q, cols, pos, excluded):
     return total / q.shape[0]
 
 
-def worker(rank, world, port, stage, outdir):
+def worker(rank, world, port, stage, momentum, outdir):
     set_dist_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -41,7 +41,8 @@ def worker(rank, world, port, stage, outdir):
     over = tiny_overrides(outdir, stage, **{
         "model.text.pretrained": "true", "model.text.config_overrides": "{}", "model.text.lock": "true",
         "model.text.tokenizer": "null", "model.projection_hidden": "0", "wenlan.in_batch_block": "true", "wenlan.text_queue_features": "true",
-        "wenlan.queue_directions": "i2t", "wenlan.queue_size": str(K), "wenlan.learn_temperature": "false"})
+        "wenlan.queue_directions": "i2t", "wenlan.queue_size": str(K), "wenlan.learn_temperature": "false",
+        "wenlan.momentum": str(momentum)})
     cfg = load_config(None, over)
     stream = SyntheticStream(rank, length=6)
     tr = Trainer(cfg, resume="never", stream=stream)
@@ -113,13 +114,17 @@ def worker(rank, world, port, stage, outdir):
     frozen_moved = max(float((p - frozen_start[n].double()).abs().max())
                        for n, p in zip([n for n, _ in ref_encoder.named_parameters()],
                                        full(module.query.text.encoder.parameters())))
-    key_enc = tr.wenlan.keys.key.text.encoder
-    if stage == 3:
+    key_moved = 0.0
+    if momentum == 0.0:
+        assert tr.wenlan.keys.key is None  # m = 0: no momentum towers; the query forward ran the frozen encoder
+    elif stage == 3:
+        key_enc = tr.wenlan.keys.key.text.encoder
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(key_enc.parameters()), modifier_rank=None):
             key_moved = max(float((p.double() - frozen_start[n].double()).abs().max())
                             for n, p in key_enc.named_parameters())
     else:
+        key_enc = tr.wenlan.keys.key.text.encoder
         key_moved = max(float((p.double() - frozen_start[n].double()).abs().max()) for n, p in key_enc.named_parameters())
     head_moved = float((full(module.query.text.proj.parameters())[0] - w).abs().max())
     torch.save({"errs": errs, "queue_errs": queue_errs, "frozen_moved": frozen_moved, "key_moved": key_moved,
@@ -129,9 +134,9 @@ def worker(rank, world, port, stage, outdir):
     dist.barrier()
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_locked_text_feature_queue(stage, tmp_path):
-    mp.spawn(worker, args=(2, free_port(), stage, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("stage,momentum", [(0, 0.9), (3, 0.9), (2, 0.0)])
+def test_locked_text_feature_queue(stage, momentum, tmp_path):
+    mp.spawn(worker, args=(2, free_port(), stage, momentum, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "result_0.pt"), torch.load(tmp_path / "result_1.pt")
     assert torch.equal(r0["queue"], r1["queue"]), "the feature queue differs between ranks"
     for r in (r0, r1):

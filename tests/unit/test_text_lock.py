@@ -61,9 +61,11 @@ def test_text_bank_is_projected_by_the_current_head_with_gradient():
     tower = TextTower(TextTowerConfig(lock=True), 8, 0).train()
     ids, mask = _batch()
     bank = torch.randn(5, tower.num_features)
-    emb, bank_emb = tower(ids, mask, bank=bank)
+    emb, bank_emb, pooled = tower(ids, mask, bank=bank)
     w, b = tower.proj.weight.detach(), tower.proj.bias.detach()
     assert torch.allclose(bank_emb, torch.nn.functional.normalize(bank @ w.t() + b, dim=-1), atol=1e-6)
     assert torch.allclose(emb, tower(ids, mask), atol=1e-6)
+    assert torch.allclose(emb, torch.nn.functional.normalize(pooled @ w.t() + b, dim=-1), atol=1e-6)
+    assert not pooled.requires_grad  # what the queue stores carries no graph
     bank_emb.sum().backward()
     assert tower.proj.weight.grad is not None and tower.proj.weight.grad.abs().sum() > 0
