@@ -303,15 +303,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0.0 < w.image_ssl_crop_min <= 1.0 or w.image_ssl_temperature <= 0:
         raise ConfigError(f"config keys 'wenlan.image_ssl_crop_min' must be in (0, 1] and 'wenlan.image_ssl_temperature' "
                           f"positive, got {w.image_ssl_crop_min}, {w.image_ssl_temperature}")
-    if w.image_ssl_weight > 0 and (w.mode != "momentum" or w.momentum == 0.0):
-        raise ConfigError("config key 'wenlan.image_ssl_weight' needs momentum towers (wenlan.mode: momentum with "
-                          f"wenlan.momentum > 0), got mode {w.mode!r}, momentum {w.momentum}")
-    if w.text_queue_features and not (cfg.model.text.lock and w.mode == "momentum"
-                                      and cfg.model.text.pooling in ("mean", "cls")):
+    # wenlan.mode: in_batch ignores the queue and momentum switches (the same config trains the reference)
+    if w.image_ssl_weight > 0 and w.mode == "momentum" and w.momentum == 0.0:
+        raise ConfigError("config key 'wenlan.image_ssl_weight' needs momentum towers (wenlan.momentum > 0), got "
+                          f"momentum {w.momentum}: set wenlan.image_ssl_weight=0 or a momentum above 0")
+    if w.text_queue_features and w.mode == "momentum" and not (cfg.model.text.lock
+                                                               and cfg.model.text.pooling in ("mean", "cls")):
         raise ConfigError(
             "config key 'wenlan.text_queue_features' stores the frozen text encoder's pooled features: it needs "
-            "model.text.lock=true, wenlan.mode=momentum and model.text.pooling mean or cls "
-            f"(got lock={cfg.model.text.lock}, mode={w.mode!r}, pooling={cfg.model.text.pooling!r})")
+            "model.text.lock=true and model.text.pooling mean or cls "
+            f"(got lock={cfg.model.text.lock}, pooling={cfg.model.text.pooling!r})")
     if cfg.model.text.lock and not cfg.model.text.pretrained:
         raise ConfigError("config key 'model.text.lock' freezes a pretrained text encoder, but "
                           "'model.text.pretrained' is false (a random encoder would stay random): set "

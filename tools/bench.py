@@ -671,10 +671,14 @@ def main(argv=None) -> int:
     # every run directory, shard and photo of the bench goes below one scratch folder, removed at the end
     scratch = tempfile.mkdtemp(prefix=f"bench_{args.mode}_")
     tempfile.tempdir = os.environ["TMPDIR"] = scratch  # TMPDIR: spawned workers too
+    from pretrain.schema import ConfigError
     try:
         out = {"train": mode_train, "memory": mode_memory, "data": mode_data, "build": mode_build,
                "search": mode_search}[args.mode](
             args, args.overrides)
+    except ConfigError as e:  # a bad config or override: the message names the key, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for line in out["table"]:

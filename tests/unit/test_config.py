@@ -44,6 +44,20 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "pretrain"))))
 def test_shipped_configs_load(name):
     load_config(os.path.join(ROOT, "configs", "pretrain", name))
+    # the in-batch reference trains from the same file (tools/bench.py learn: --setting in_batch:wenlan.mode=in_batch)
+    assert load_config(os.path.join(ROOT, "configs", "pretrain", name), ["wenlan.mode=in_batch"]).wenlan.mode == "in_batch"
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["wenlan.image_ssl_weight=1", "wenlan.momentum=0"], "wenlan.image_ssl_weight"),
+    (["wenlan.text_queue_features=true"], "model.text.lock=true"),
+    (["wenlan.text_queue_features=true", "model.text.lock=true", "model.text.pooling=attention"], "pooling"),
+    (["wenlan.queue_directions=up"], "wenlan.queue_directions"),
+])
+def test_wenlan_switch_combinations_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
 
 
 def test_large_config_derives_the_deepspeed_config():
