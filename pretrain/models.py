@@ -153,7 +153,7 @@ class TextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                 bank: Optional[torch.Tensor] = None):
         """B x D embeddings. ``tokens``: the frozen encoder's output for this batch, already computed (``lock``:
-        see ``frozen_features``). ``bank``: K x C pooled features (of a locked encoder) projected by the same
+        see ``frozen_tokens``). ``bank``: K x C pooled features (of a locked encoder) projected by the same
         head in the same call; then returns (B x D, K x D, this batch's pooled features B x C, detached)."""
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         if tokens is None:
@@ -165,12 +165,11 @@ class TextTower(nn.Module):
         return both[:pooled.shape[0]], both[pooled.shape[0]:], pooled.detach().float()
 
     @torch.no_grad()
-    def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``lock`` only: the frozen encoder's token features of the (trimmed) batch and their pooled vectors
-        (B x C; parameter-free pooling), which the query forward can reuse instead of running the encoder again."""
+    def frozen_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``lock`` only: the frozen encoder's token features of the (trimmed) batch, which the query forward
+        can reuse (``tokens=``) instead of running the encoder again."""
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return tokens, self.pool(tokens, attention_mask)
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:

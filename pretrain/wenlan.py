@@ -94,8 +94,9 @@ class WenLanModel(nn.Module):
 
     def forward(self, images, input_ids, attention_mask, text_tokens=None, text_bank=None):
         """(q_image, q_text, tau), M x D each; with ``text_bank`` (K x C frozen pooled text features) also the
-        bank projected by the current text head, K x D, and this batch's pooled features, M x C. ``text_tokens``: the frozen text encoder's output for
-        this batch when the momentum towers computed it already (``model.text.lock``)."""
+        bank projected by the current text head, K x D, and this batch's pooled features, M x C.
+        ``text_tokens``: the frozen text encoder's output for this batch when the momentum towers computed it
+        already (``model.text.lock``)."""
         out = self.query(images, input_ids, attention_mask, text_tokens, text_bank)
         return out[0], out[1], self.temperature(), *out[2:]
 
@@ -427,12 +428,12 @@ class KeyEncoders:
 
     @torch.no_grad()
     def keys(self, images, input_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.keys_and_text_features(images, input_ids, attention_mask)[:2]
+        return self.keys_and_text_tokens(images, input_ids, attention_mask)[:2]
 
     @torch.no_grad()
-    def keys_and_text_features(self, images, input_ids, attention_mask):
-        """(k_image, k_text, text_features): ``text_features`` is None, or with a locked text encoder its
-        (tokens, pooled) for this batch: the query forward reuses the tokens, the feature queue the pooled rows."""
+    def keys_and_text_tokens(self, images, input_ids, attention_mask):
+        """(k_image, k_text, text_tokens): ``text_tokens`` is None, or with a locked text encoder its token
+        features for this batch, which the query forward reuses."""
         images = images.float() if images.is_floating_point() else images
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -441,8 +442,8 @@ class KeyEncoders:
         feats = None
         with self._gathered(), cast:
             if self.text_locked:
-                feats = self.key.text.frozen_features(input_ids, attention_mask)
-                k_image, k_text = self.key(images, input_ids, attention_mask, text_tokens=feats[0])
+                feats = self.key.text.frozen_tokens(input_ids, attention_mask)
+                k_image, k_text = self.key(images, input_ids, attention_mask, text_tokens=feats)
             else:
                 k_image, k_text = self.key(images, input_ids, attention_mask)
         return F.normalize(k_image.float(), dim=-1), F.normalize(k_text.float(), dim=-1), feats
@@ -533,19 +534,19 @@ class WenLanStep:
         qid, iid = batch["query_id"], batch["image_id"]
         momentum_towers = self.keys is not None and self.keys.key is not None
         t0 = self._clock()
-        k_image = k_text = gathered = text_feats = all_text_feats = None
+        k_image = k_text = gathered = text_tokens = all_text_feats = None
         if momentum_towers:
             key_images = (random_resized_views(images, self.cfg.image_ssl_crop_min) if self.cfg.image_ssl_weight > 0
                           else images)
-            k_image, k_text, text_feats = self.keys.keys_and_text_features(key_images, ids, mask)  # no grad
+            k_image, k_text, text_tokens = self.keys.keys_and_text_tokens(key_images, ids, mask)  # no grad
         t1 = self._clock()
         feature_queue = self.keys.text_feature_queue if self.keys is not None else None
         if momentum_towers:
             gathered = gather_keys(k_image, k_text, qid, iid)                      # G*M rows, rank order
         t2 = self._clock()
         extra = {}
-        if text_feats is not None:  # the frozen text encoder ran once, in the key forward
-            extra["text_tokens"] = text_feats[0]
+        if text_tokens is not None:  # the frozen text encoder ran once, in the key forward
+            extra["text_tokens"] = text_tokens
         if feature_queue is not None:
             extra["text_bank"] = feature_queue.features
         with self.autocast:
