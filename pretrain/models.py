@@ -168,8 +168,7 @@ class TextTower(nn.Module):
     def frozen_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``lock`` only: the frozen encoder's token features of the (trimmed) batch, which the query forward
         can reuse (``tokens=``) instead of running the encoder again."""
-        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.forward_tokens(*trim_padding(input_ids, attention_mask))  # locked: no graph
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
