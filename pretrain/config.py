@@ -96,6 +96,17 @@ class WenLanConfig:
     id are positives instead of masked negatives: the target is spread evenly over them and the row's own
     positive (SupCon). In a caption set they are the photo's other captions; in a click log, the other queries
     that clicked the image and the other images clicked for the query: the positives a batch of 16 lacks."""
+    queue_positives_loss: str = "spread"
+    """How ``queue_positives`` enter the loss. ``spread`` (SupCon): the target is spread evenly over the row's
+    positive and the extra positives, so each must score as high as the others. ``any`` (MIL-NCE): the row's
+    positives count as one set, -log(sum over the positives / sum over all columns), so that any of the
+    photo's captions may be the one the image matches best."""
+    queue_negatives: bool = True
+    queue_negatives: bool = True
+    """Queue entries count as negatives. ``false`` (with ``queue_positives``): the queue serves only as a memory
+    of positives: each row scores its batch columns plus the queue entries sharing its query or image id (the
+    photo's other captions), and every other queue entry is masked. On a small caption set (README, fourth
+    round) the queue's value is these positives, not its negatives."""
     in_batch_negatives: bool = False
     """Also score the keys of the whole global batch (all ranks) as negatives."""
     click_weighting: str = "none"
@@ -279,6 +290,7 @@ ALLOWED = {
     "wenlan.distill_teacher": ("cross", "caption"),
     "wenlan.queue_loss": ("joint", "separate"),
     "wenlan.queue_directions": ("both", "i2t", "t2i"),
+    "wenlan.queue_positives_loss": ("spread", "any"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.device": ("auto", "cpu", "cuda"),
@@ -307,6 +319,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if w.image_ssl_weight > 0 and w.mode == "momentum" and w.momentum == 0.0:
         raise ConfigError("config key 'wenlan.image_ssl_weight' needs momentum towers (wenlan.momentum > 0), got "
                           f"momentum {w.momentum}: set wenlan.image_ssl_weight=0 or a momentum above 0")
+    if w.queue_positives_loss == "any" and w.mode == "momentum" and w.distill_alpha > 0:
+        raise ConfigError("config key 'wenlan.queue_positives_loss' is 'any' (MIL-NCE), which has no soft target to "
+                          f"mix with the momentum distillation of 'wenlan.distill_alpha' ({w.distill_alpha}): set "
+                          "wenlan.distill_alpha=0 or wenlan.queue_positives_loss=spread")
+    if not w.queue_negatives and w.mode == "momentum" and not w.queue_positives:
+        raise ConfigError("config key 'wenlan.queue_negatives' is false, so the queue would only hold positives, but "
+                          "'wenlan.queue_positives' is false too (the queue would score nothing): set "
+                          "wenlan.queue_positives=true or wenlan.queue_negatives=true")
     if w.text_queue_features and w.mode == "momentum" and not (cfg.model.text.lock
                                                                and cfg.model.text.pooling in ("mean", "cls")):
         raise ConfigError(

@@ -104,14 +104,17 @@ class WenLanModel(nn.Module):
 def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor,
              bias: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
              weights: Optional[torch.Tensor] = None, queue_cols: int = 0,
-             positives: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+             positives: Optional[torch.Tensor] = None, any_positive: bool = False
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Cross-entropy of each row's positive among its columns, plus diagnostics.
 
     q: M x D; cols: N x D (the last ``queue_cols`` of them are queue entries); pos: M (column of each
     row's positive); mask: M x N, True = excluded (never the positive); bias: N, added to the logits
     after the division by tau; targets: M x N soft targets (rows sum to 1) instead of one-hot;
     weights: M per-row weights (click weighting); positives: M x N, True = a further positive of the row (not
-    counted as a negative in the diagnostics). Diagnostics are cosines, not logits.
+    counted as a negative in the diagnostics); any_positive: the loss is -log of the softmax mass on the set of
+    the row's positive and ``positives`` (MIL-NCE) instead of a target over them. Diagnostics are cosines, not
+    logits.
     """
     m = q.shape[0]
     rows = torch.arange(m, device=q.device)
@@ -124,7 +127,11 @@ def info_nce(q: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, mask: torch
     # mask after the division: -inf / tau would give NaN gradients to a learnable tau
     logits = logits.masked_fill(mask, float("-inf"))
     logp = F.log_softmax(logits, dim=1)
-    if targets is None:
+    if any_positive and positives is not None:
+        pset = positives & ~mask
+        pset[rows, pos] = True
+        per_row = -torch.logsumexp(logp.masked_fill(~pset, float("-inf")), dim=1)
+    elif targets is None:
         per_row = -logp[rows, pos]
     else:
         per_row = -(targets * logp.masked_fill(mask, 0.0)).sum(1)
@@ -219,6 +226,9 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         if cfg.queue_positives:
             extra = same & ~mask
             extra[torch.arange(m), pos] = False
+            if not cfg.queue_negatives:  # the queue as a memory of positives only
+                nb = batch_cols.shape[0]
+                mask[:, nb:] |= ~extra[:, nb:]
         elif cfg.mask_false_negatives:
             mask |= same
         bias = None
@@ -247,7 +257,11 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
                 if hot is None:
                     hot = F.one_hot(pos, cols.shape[0]).float()
                 targets = distill_alpha * soft + (1 - distill_alpha) * hot
-        return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size, positives=extra)
+        any_positive = extra is not None and cfg.queue_positives_loss == "any"
+        if any_positive:
+            targets = None  # MIL-NCE: the positives as one set (no soft target: distill_alpha is 0, see validate)
+        return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size, positives=extra,
+                        any_positive=any_positive)
 
     separate = cfg.in_batch_block and cfg.queue_loss == "separate"
     on_i2t, on_t2i = cfg.queue_directions in ("both", "i2t"), cfg.queue_directions in ("both", "t2i")

@@ -53,6 +53,10 @@ def test_shipped_configs_load(name):
     (["wenlan.text_queue_features=true"], "model.text.lock=true"),
     (["wenlan.text_queue_features=true", "model.text.lock=true", "model.text.pooling=attention"], "pooling"),
     (["wenlan.queue_directions=up"], "wenlan.queue_directions"),
+    (["wenlan.queue_negatives=false"], "wenlan.queue_positives=true"),
+    (["wenlan.queue_positives=true", "wenlan.queue_positives_loss=any", "wenlan.distill_alpha=0.4"],
+     "wenlan.distill_alpha=0"),
+    (["wenlan.queue_positives_loss=all"], "wenlan.queue_positives_loss"),
 ])
 def test_wenlan_switch_combinations_are_checked(overrides, needle):
     with pytest.raises(ConfigError) as e:

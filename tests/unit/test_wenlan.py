@@ -47,7 +47,7 @@ def test_queue_ring_matches_reference(size, batch_sizes):
 def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_iids, tau, *, batch_counts,
                   mask_unfilled=True, mask_fn=True, queue_on=True, bias=0.0, key_q=None, key_batch=None, alpha=0.0,
                   weights=None, center=False, recenter=False, key_queue=None, teacher_tau=None,
-                  recenter_on=None, extra_pos=False):
+                  recenter_on=None, extra_pos=False, queue_negatives=True, any_positive=False):
     """Loop over rows: the positive (column ``pos_col[i]`` of the batch block), then batch negatives (if
     ``batch_counts``) and queue slots, each skipped when excluded. Soft targets (ALBEF) from ``key_q`` against
     ``key_batch`` and ``key_queue`` (default: the queue's own features) at ``teacher_tau`` (default: tau)."""
@@ -86,11 +86,15 @@ def ref_direction(q, pos_col, batch_cols, queue, qids, iids, batch_qids, batch_i
             shares = int(queue.query_ids[j]) == int(qids[i]) or int(queue.image_ids[j]) == int(iids[i])
             if mask_fn and shares and not extra_pos:
                 continue
+            if not queue_negatives and not shares:  # the queue only as a memory of positives
+                continue
             add(feats[j], feats[j] if key_queue is None else key_queue.features[j], bias, positive=extra_pos and shares)
         mx = max(cols)
         logp = [c - (mx + math.log(sum(math.exp(x - mx) for x in cols))) for c in cols]
         hot = [1.0 / sum(is_pos) if t else 0.0 for t in is_pos]  # even over the positives
-        if alpha > 0:
+        if any_positive:  # MIL-NCE: -log of the probability mass on the set of positives
+            losses.append(-math.log(sum(math.exp(l) for l, t in zip(logp, is_pos) if t)))
+        elif alpha > 0:
             kmx = max(kcols)
             z = sum(math.exp(x - kmx) for x in kcols)
             soft = [math.exp(x - kmx) / z for x in kcols]
@@ -442,3 +446,50 @@ def test_queue_directions_match_reference(directions):
             q, k, queue = (qi, kt, tq) if on_i2t else (qt, ki, iq)
             ref += 0.5 * ref_direction(q, pos, k, queue, qids, iids, qids, iids, tau, batch_counts=False)
         assert out["loss"].item() == pytest.approx(ref, rel=1e-5), (directions, separate)
+
+
+@pytest.mark.parametrize("directions", ["both", "i2t"])
+def test_queue_negatives_off_keeps_only_queue_positives(directions):
+    """``queue_negatives: false``: a row scores its batch block plus only the queue entries sharing its query or
+    image id (extra positives); every other queue entry is left out, as if it were not there."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau = 0.1
+    pos = torch.arange(5)
+    cfg = WenLanConfig(mode="momentum", in_batch_block=True, queue_positives=True, queue_negatives=False,
+                       queue_directions=directions)
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                      gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                      image_ids=iids)
+    common = dict(batch_counts=True, extra_pos=True, queue_negatives=False)
+    ref = (ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, **common)
+           + ref_direction(qt, pos, qi, iq, qids, iids, qids, iids, tau, queue_on=directions == "both", **common))
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+    # the check can fail: with the queue's negatives in, or without its positives, the loss differs
+    with_negs = ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, batch_counts=True, extra_pos=True)
+    assert abs(with_negs - ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, **common)) > 1e-3
+    no_queue = ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, batch_counts=True, extra_pos=True,
+                             queue_on=False)
+    assert abs(no_queue - ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, **common)) > 1e-3
+    assert float(out["extra_positives"]) > 0
+
+
+
+@pytest.mark.parametrize("queue_negatives", [True, False])
+def test_queue_positives_any_is_mil_nce(queue_negatives):
+    """``queue_positives_loss: any``: each row's loss is -log of the softmax mass on its positive and the columns
+    sharing its ids (MIL-NCE), not a target spread over them."""
+    qi, qt, ki, kt, qids, iids, iq, tq = _setup()
+    tau = 0.1
+    pos = torch.arange(5)
+    cfg = WenLanConfig(mode="momentum", in_batch_block=True, queue_positives=True, queue_positives_loss="any",
+                       queue_negatives=queue_negatives)
+    out = wenlan_loss(cfg, qi, qt, torch.tensor(tau), step=3, k_image=ki, k_text=kt,
+                      gathered=_gathered(ki, kt, qids, iids), image_queue=iq, text_queue=tq, query_ids=qids,
+                      image_ids=iids)
+    common = dict(batch_counts=True, extra_pos=True, queue_negatives=queue_negatives)
+    ref = (ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, any_positive=True, **common)
+           + ref_direction(qt, pos, qi, iq, qids, iids, qids, iids, tau, any_positive=True, **common))
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+    spread = (ref_direction(qi, pos, qt, tq, qids, iids, qids, iids, tau, **common)
+              + ref_direction(qt, pos, qi, iq, qids, iids, qids, iids, tau, **common))
+    assert abs(spread - ref) > 1e-3  # the two forms differ in this setup: the check can fail
