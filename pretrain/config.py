@@ -102,11 +102,10 @@ class WenLanConfig:
     positives count as one set, -log(sum over the positives / sum over all columns), so that any of the
     photo's captions may be the one the image matches best."""
     queue_negatives: bool = True
-    queue_negatives: bool = True
     """Queue entries count as negatives. ``false`` (with ``queue_positives``): the queue serves only as a memory
     of positives: each row scores its batch columns plus the queue entries sharing its query or image id (the
-    photo's other captions), and every other queue entry is masked. On a small caption set (README, fourth
-    round) the queue's value is these positives, not its negatives."""
+    photo's other captions), and every other queue entry is masked. Meant for click logs (an image clicked for
+    many queries); on the README's small caption set it did not help (fourth round)."""
     in_batch_negatives: bool = False
     """Also score the keys of the whole global batch (all ranks) as negatives."""
     click_weighting: str = "none"
