@@ -473,7 +473,6 @@ def test_queue_negatives_off_keeps_only_queue_positives(directions):
     assert float(out["extra_positives"]) > 0
 
 
-
 @pytest.mark.parametrize("queue_negatives", [True, False])
 def test_queue_positives_any_is_mil_nce(queue_negatives):
     """``queue_positives_loss: any``: each row's loss is -log of the softmax mass on its positive and the columns
