@@ -238,7 +238,9 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
         queue_feats = centred(queue, center_on)  # drifting away from the old keys as a whole gains nothing
         cols = torch.cat([batch_cols.to(q.dtype), queue_feats.to(q.dtype)])
         targets = hot = None
-        if extra is not None:  # the target is spread evenly over the positive and the extra positives (SupCon)
+        # MIL-NCE scores the positives as one set: no target to build (validate keeps distill_alpha at 0 with it)
+        any_positive = extra is not None and cfg.queue_positives_loss == "any"
+        if extra is not None and not any_positive:  # the target spread evenly over the positives (SupCon)
             hot = F.one_hot(pos, cols.shape[0]).float() + extra.float()
             hot = hot / hot.sum(1, keepdim=True)
             targets = hot
@@ -257,9 +259,6 @@ def wenlan_loss(cfg: WenLanConfig, q_image, q_text, tau, step: int, k_image=None
                 if hot is None:
                     hot = F.one_hot(pos, cols.shape[0]).float()
                 targets = distill_alpha * soft + (1 - distill_alpha) * hot
-        any_positive = extra is not None and cfg.queue_positives_loss == "any"
-        if any_positive:
-            targets = None  # MIL-NCE: the positives as one set (no soft target: distill_alpha is 0, see validate)
         return info_nce(q, cols, pos, mask, tau, bias, targets, weights, queue_cols=queue.size, positives=extra,
                         any_positive=any_positive)
 
@@ -453,14 +452,12 @@ class KeyEncoders:
             images = images.contiguous(memory_format=torch.channels_last)
         cast = (torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None
                 else contextlib.nullcontext())
-        feats = None
+        tokens = None
         with self._gathered(), cast:
             if self.text_locked:
-                feats = self.key.text.frozen_tokens(input_ids, attention_mask)
-                k_image, k_text = self.key(images, input_ids, attention_mask, text_tokens=feats)
-            else:
-                k_image, k_text = self.key(images, input_ids, attention_mask)
-        return F.normalize(k_image.float(), dim=-1), F.normalize(k_text.float(), dim=-1), feats
+                tokens = self.key.text.frozen_tokens(input_ids, attention_mask)
+            k_image, k_text = self.key(images, input_ids, attention_mask, text_tokens=tokens)
+        return F.normalize(k_image.float(), dim=-1), F.normalize(k_text.float(), dim=-1), tokens
 
     @torch.no_grad()
     def update(self, query: nn.Module, m: float, query_partitioned: bool) -> None:
