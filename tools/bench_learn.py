@@ -11,8 +11,10 @@ A setting is ``NAME:key=value,key=value`` (config overrides on top of ``--config
 config as it is). Each (setting, seed) is one run of ``launch/pretrain.py`` in its own process, with
 ``train.seed`` and ``data.seed`` set to the seed; ``--jobs`` runs that many at once, each with
 cores/jobs threads. CPU seconds are the user + system time of the run's process and its loader workers,
-less the final evaluation's (start-up included); wall seconds likewise exclude the evaluation.
-Every run directory is kept under ``--out`` (a rerun reuses finished runs: delete them to start over).
+less every evaluation's (start-up included); wall seconds likewise exclude the evaluations.
+``--eval-every N`` also evaluates every N steps and prints held-out rsum by step.
+Every run directory is kept under ``--out``: a rerun reuses a finished run of the same setting, seed and inputs
+(delete it to start over); one made with other overrides or inputs is refused, never silently reused.
 """
 from __future__ import annotations
 
@@ -45,13 +47,21 @@ def parse_setting(text: str) -> Tuple[str, List[str]]:
 def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> Dict[str, Any]:
     run_dir = os.path.join(args.out, f"{name}_seed{seed}")
     done = os.path.join(run_dir, "bench_result.json")
+    inputs = {"config": os.path.abspath(args.config), "train_shards": args.train_shards,
+              "val_shards": args.val_shards, "steps": args.steps, "eval_every": args.eval_every}
     if os.path.isfile(done):
         with open(done) as f:
-            return json.load(f)
+            old = json.load(f)
+        if old.get("overrides") != overrides or old.get("inputs", inputs) != inputs:
+            raise RuntimeError(f"{run_dir} holds a finished run of setting {name} seed {seed} made with other "
+                               f"overrides or inputs ({old.get('overrides')}, {old.get('inputs')}); delete it, "
+                               f"rename the setting or choose another --out")
+        return old
     cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", args.config, "--resume", "never",
            f"data.train_shards={args.train_shards}", f"data.val_shards={args.val_shards}",
-           f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}", "train.eval_every=0",
-           f"train.save_every={10 ** 9}"] + (["train.steps=%d" % args.steps] if args.steps else []) + overrides
+           f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}",
+           f"train.eval_every={args.eval_every}", f"train.save_every={10 ** 9}"] + \
+        (["train.steps=%d" % args.steps] if args.steps else []) + overrides
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -68,32 +78,66 @@ def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> D
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"setting {name} seed {seed} failed (exit {proc.returncode}); see {run_dir}/bench.log")
-    evals = sorted(glob.glob(os.path.join(run_dir, "eval", "step_*.json")))
-    if not evals:
+    curve, curve_m = read_evals(os.path.join(run_dir, "eval")), read_evals(os.path.join(run_dir, "eval_momentum"))
+    if not curve:
         raise RuntimeError(f"setting {name} seed {seed}: no evaluation written; is data.val_shards set?")
-    with open(evals[-1]) as f:
-        ev = json.load(f)
-    mom = sorted(glob.glob(os.path.join(run_dir, "eval_momentum", "step_*.json")))
-    ev_m = {}
-    if mom:
-        with open(mom[-1]) as f:
-            ev_m = json.load(f)
+    ev = curve[-1]
+    ev_m = curve_m[-1] if curve_m else {}
     samples = 0
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
             samples = max(samples, int(rec.get("samples", 0) or 0))
     cpu = usage.ru_utime + usage.ru_stime
-    eval_wall = ev.get("eval_seconds", 0.0) + ev_m.get("eval_seconds", 0.0)
-    eval_cpu = ev.get("eval_cpu_seconds", 0.0) + ev_m.get("eval_cpu_seconds", 0.0)
-    res = {"setting": name, "seed": seed, "overrides": overrides, "wall_s": wall - eval_wall,
+    every = curve + curve_m  # every evaluation, the ones during training too, is left out of the cost
+    eval_wall = sum(e.get("eval_seconds", 0.0) for e in every)
+    eval_cpu = sum(e.get("eval_cpu_seconds", 0.0) for e in every)
+    res = {"setting": name, "seed": seed, "overrides": overrides, "inputs": inputs, "wall_s": wall - eval_wall,
            "cpu_s": cpu - eval_cpu, "run_cpu_s": cpu, "samples": samples,
            "momentum_towers": {k: ev_m.get(k) for k in METRICS} if ev_m else None, "step": ev.get("step"),
            "eval_images": ev.get("t2i_gallery_size"), "eval_queries": ev.get("t2i_num_queries"),
-           **{k: ev.get(k) for k in METRICS}}
+           **{k: ev.get(k) for k in METRICS},
+           "curve": {str(e["step"]): e.get("rsum") for e in curve},
+           "curve_momentum": {str(e["step"]): e.get("rsum") for e in curve_m} if curve_m else None}
     with open(done, "w") as f:
         json.dump(res, f, indent=1)
     return res
+
+
+def read_evals(folder: str) -> List[Dict[str, Any]]:
+    """The evaluations a run wrote (``step_XXXXXXXX.json``), in step order."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "step_*.json"))):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def curve_table(results: List[Dict[str, Any]], names: List[str]) -> List[str]:
+    """Held-out rsum by step (mean over seeds), one row per setting (and its momentum towers): where a run's
+    held-out result stops improving while its training loss still falls."""
+    def curve_of(r, key):
+        return {int(k): v for k, v in (r.get(key) or {}).items() if v is not None}
+    rows = []
+    for name in names:
+        rs = [r for r in results if r["setting"] == name]
+        for key, label in (("curve", name), ("curve_momentum", name + " [g]")):
+            curves = [curve_of(r, key) for r in rs]
+            if rs and all(curves):
+                rows.append((label, curves))
+    steps = sorted(set().union(*[c for _, cs in rows for c in cs])) if rows else []
+    if len(steps) < 2:
+        return []
+    head = f"{'held-out rsum by step':<22}" + "".join(f"{s:>7}" for s in steps)
+    lines = [head, "-" * len(head)]
+    for label, curves in rows:
+        cells = []
+        for s in steps:
+            vals = [c[s] for c in curves if s in c]
+            cells.append(f"{statistics.mean(vals):>7.1f}" if len(vals) == len(curves) else f"{'-':>7}")
+        lines.append(f"{label:<22}" + "".join(cells))
+    lines.append("mean over seeds (--eval-every); the last column is the table above")
+    return lines
 
 
 def summarise(results: List[Dict[str, Any]], names: List[str]) -> List[str]:
@@ -131,6 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--setting", action="append", required=True, help="NAME:key=value,key=value (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=0, help="override train.steps of every setting (0: the config's)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate every N steps and print held-out rsum by step (0: at the end only); "
+                        "the evaluations are left out of the wall and CPU seconds")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--out", default="runs/bench_learn", help="folder of the run directories")
     p.add_argument("--json", default="bench_learn.json")
@@ -144,6 +191,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not os.path.isfile(path):
             print(f"error: {what} {path} does not exist", file=sys.stderr)
             return 2
+    if args.eval_every < 0 or args.steps < 0 or args.jobs < 1:
+        print("error: --eval-every and --steps must be >= 0 and --jobs >= 1", file=sys.stderr)
+        return 2
     names = [n for n, _ in settings]
     if len(set(names)) != len(names):
         print("error: two --setting share a name", file=sys.stderr)
@@ -163,6 +213,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[learn] {n} seed {s}: rsum {r['rsum']:.1f}, t2i R@1 {r['t2i_hit@1']:.3f}, "
                   f"{r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU s", flush=True)
     table = summarise(results, names)
+    curves = curve_table(results, names)
+    if curves:
+        table += [""] + curves
     print("\n".join(table))
     with open(args.json, "w") as f:
         json.dump({"config": args.config, "train_shards": args.train_shards, "val_shards": args.val_shards,

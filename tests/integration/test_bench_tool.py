@@ -49,3 +49,65 @@ def test_data_and_build_modes(tmp_path):
     assert res["samples_per_s"] > 0 and res["workers"] == 1
     res, _ = _bench(["build", "--photos", "12", "--workers", "1"], tmp_path, "build")
     assert res["unique_images"] == 12 and res["samples_written"] == 12 and res["images_per_s"] > 0
+
+
+TINY_LEARN = """model:
+  image: {name: test_resnet, image_size: 32, pooling: mean}
+  text: {name_or_path: minilm, pretrained: false, tokenizer: minilm, max_length: 8, pooling: mean,
+         config_overrides: {num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}}
+  embed_dim: 16
+  projection_hidden: 0
+wenlan: {in_batch_block: true, queue_size: 20, momentum: 0.9, image_ssl_weight: 1.0}
+data: {num_workers: 0, shuffle_buffer: 10}
+optim: {lr: 1.0e-2, warmup_steps: 1, weight_decay: 0.0}
+train: {steps: 4, micro_batch_size: 4, zero_stage: 0, log_every: 1, device: cpu}
+"""
+
+
+def test_learn_mode_trains_settings_and_reports(tmp_path):
+    write_shards(str(tmp_path / "train"), [24, 24])
+    write_shards(str(tmp_path / "val"), [12], seed=1, prefix="val")
+    (tmp_path / "tiny.yaml").write_text(TINY_LEARN)
+    args = ["learn", "--config", str(tmp_path / "tiny.yaml"), "--train-shards", str(tmp_path / "train"),
+            "--val-shards", str(tmp_path / "val"), "--seeds", "0", "1", "--jobs", "2", "--eval-every", "2",
+            "--out", str(tmp_path / "out"), "--setting", "inb:wenlan.mode=in_batch", "--setting", "wl:"]
+    res, stdout = _bench(args, tmp_path, "learn")
+    runs = {(r["setting"], r["seed"]): r for r in res["runs"]}
+    assert sorted(runs) == [("inb", 0), ("inb", 1), ("wl", 0), ("wl", 1)]
+    for (name, seed), r in runs.items():
+        run_dir = tmp_path / "out" / f"{name}_seed{seed}"
+        evals = [json.loads(p.read_text()) for d in ("eval", "eval_momentum") if (run_dir / d).is_dir()
+                 for p in sorted((run_dir / d).glob("step_*.json"))]
+        final = json.loads((run_dir / "eval" / "step_00000004.json").read_text())
+        hits = [final[f"{d}_hit@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
+        assert abs(r["rsum"] - 100 * sum(hits)) < 1e-6 and r["step"] == 4
+        assert r["samples"] == 16 and r["eval_images"] == 12
+        assert sorted(r["curve"]) == ["2", "4"] and r["curve"]["4"] == r["rsum"]
+        # every evaluation (the one at step 2 too) is taken out of the cost
+        assert len(evals) == (4 if name == "wl" else 2)
+        assert abs(r["cpu_s"] - (r["run_cpu_s"] - sum(e["eval_cpu_seconds"] for e in evals))) < 1e-6
+        assert 0 < r["cpu_s"] < r["run_cpu_s"]
+        assert (r["momentum_towers"] is not None) == (name == "wl") == (r["curve_momentum"] is not None)
+    # the table: mean ± half-range over the two seeds, and the curve's mean per step
+    for name in ("inb", "wl"):
+        vals = [runs[(name, s)]["rsum"] for s in (0, 1)]
+        cell = f"{sum(vals) / 2:.1f} ±{(max(vals) - min(vals)) / 2:.1f}"
+        assert any(line.startswith(name + " ") and cell in line for line in res["table"]), (cell, res["table"])
+        at2 = sum(runs[(name, s)]["curve"]["2"] for s in (0, 1)) / 2
+        curve_line = next(line for line in res["table"] if line.startswith(name + " ") and "±" not in line)
+        assert curve_line.split()[1] == f"{at2:.1f}"
+    assert any(line.startswith("wl [g]") and "±" not in line for line in res["table"])
+    assert "held-out rsum by step" in stdout
+
+    # a rerun reuses the finished runs; the same names with other overrides are refused, nothing is deleted
+    stamp = (tmp_path / "out" / "wl_seed0" / "bench_result.json").stat().st_mtime_ns
+    again, _ = _bench(args, tmp_path, "again")
+    assert again["runs"] == res["runs"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py")] + args[:-1] +
+                         ["wl:wenlan.momentum=0.5"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "made with other overrides" in bad.stderr and "Traceback" not in bad.stderr
+    assert (tmp_path / "out" / "wl_seed0" / "bench_result.json").stat().st_mtime_ns == stamp
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py")] + args[:-1] + ["wl:momentum"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "is not key=value" in bad.stderr and "Traceback" not in bad.stderr
