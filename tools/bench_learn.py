@@ -44,18 +44,33 @@ def parse_setting(text: str) -> Tuple[str, List[str]]:
     return name, overrides
 
 
+def run_inputs(args) -> Dict[str, Any]:
+    return {"config": os.path.abspath(args.config), "train_shards": args.train_shards,
+            "val_shards": args.val_shards, "steps": args.steps, "eval_every": args.eval_every}
+
+
+def finished_run(args, name: str, overrides: List[str], seed: int) -> Optional[Dict[str, Any]]:
+    """The stored result of this (setting, seed) under --out, or None; ValueError when it was made with other
+    overrides or inputs (checked for every run before any starts)."""
+    run_dir = os.path.join(args.out, f"{name}_seed{seed}")
+    done = os.path.join(run_dir, "bench_result.json")
+    if not os.path.isfile(done):
+        return None
+    with open(done) as f:
+        old = json.load(f)
+    if old.get("overrides") != overrides or old.get("inputs", run_inputs(args)) != run_inputs(args):
+        raise ValueError(f"{run_dir} holds a finished run of setting {name} seed {seed} made with other overrides "
+                         f"or inputs ({old.get('overrides')}, {old.get('inputs')}); delete it, rename the setting "
+                         f"or choose another --out")
+    return old
+
+
 def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> Dict[str, Any]:
     run_dir = os.path.join(args.out, f"{name}_seed{seed}")
     done = os.path.join(run_dir, "bench_result.json")
-    inputs = {"config": os.path.abspath(args.config), "train_shards": args.train_shards,
-              "val_shards": args.val_shards, "steps": args.steps, "eval_every": args.eval_every}
-    if os.path.isfile(done):
-        with open(done) as f:
-            old = json.load(f)
-        if old.get("overrides") != overrides or old.get("inputs", inputs) != inputs:
-            raise RuntimeError(f"{run_dir} holds a finished run of setting {name} seed {seed} made with other "
-                               f"overrides or inputs ({old.get('overrides')}, {old.get('inputs')}); delete it, "
-                               f"rename the setting or choose another --out")
+    inputs = run_inputs(args)
+    old = finished_run(args, name, overrides, seed)
+    if old is not None:
         return old
     cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", args.config, "--resume", "never",
            f"data.train_shards={args.train_shards}", f"data.val_shards={args.val_shards}",
@@ -200,6 +215,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     jobs = [(n, ov, s) for s in args.seeds for n, ov in settings]
+    try:
+        for n, ov, s in jobs:
+            finished_run(args, n, ov, s)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results: List[Dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         futures = [pool.submit(run_one, args, n, ov, s, threads) for n, ov, s in jobs]

@@ -106,7 +106,7 @@ def test_learn_mode_trains_settings_and_reports(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py")] + args[:-1] +
                          ["wl:wenlan.momentum=0.5"], env=env, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 1 and "made with other overrides" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "made with other overrides" in bad.stderr and "Traceback" not in bad.stderr
     assert (tmp_path / "out" / "wl_seed0" / "bench_result.json").stat().st_mtime_ns == stamp
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py")] + args[:-1] + ["wl:momentum"],
                          env=env, capture_output=True, text=True, timeout=600)
