@@ -58,7 +58,8 @@ def finished_run(args, name: str, overrides: List[str], seed: int) -> Optional[D
         return None
     with open(done) as f:
         old = json.load(f)
-    if old.get("overrides") != overrides or old.get("inputs", run_inputs(args)) != run_inputs(args):
+    inputs = run_inputs(args)
+    if old.get("overrides") != overrides or old.get("inputs", inputs) != inputs:
         raise ValueError(f"{run_dir} holds a finished run of setting {name} seed {seed} made with other overrides "
                          f"or inputs ({old.get('overrides')}, {old.get('inputs')}); delete it, rename the setting "
                          f"or choose another --out")
@@ -66,12 +67,10 @@ def finished_run(args, name: str, overrides: List[str], seed: int) -> Optional[D
 
 
 def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> Dict[str, Any]:
+    """Train and evaluate one (setting, seed) that has no finished run under --out (main checks that)."""
     run_dir = os.path.join(args.out, f"{name}_seed{seed}")
     done = os.path.join(run_dir, "bench_result.json")
     inputs = run_inputs(args)
-    old = finished_run(args, name, overrides, seed)
-    if old is not None:
-        return old
     cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", args.config, "--resume", "never",
            f"data.train_shards={args.train_shards}", f"data.val_shards={args.val_shards}",
            f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}",
@@ -216,17 +215,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     jobs = [(n, ov, s) for s in args.seeds for n, ov in settings]
     try:
-        for n, ov, s in jobs:
-            finished_run(args, n, ov, s)
+        stored = [finished_run(args, n, ov, s) for n, ov, s in jobs]  # a finished run is reused, not run again
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results: List[Dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        futures = [pool.submit(run_one, args, n, ov, s, threads) for n, ov, s in jobs]
-        for (n, _, s), fut in zip(jobs, futures):
+        futures = [None if old is not None else pool.submit(run_one, args, n, ov, s, threads)
+                   for (n, ov, s), old in zip(jobs, stored)]
+        for (n, _, s), old, fut in zip(jobs, stored, futures):
             try:
-                r = fut.result()
+                r = old if fut is None else fut.result()
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
