@@ -15,6 +15,7 @@ less every evaluation's (start-up included); wall seconds likewise exclude the e
 ``--eval-every N`` also evaluates every N steps and prints held-out rsum by step.
 Every run directory is kept under ``--out``: a rerun reuses a finished run of the same setting, seed and inputs
 (delete it to start over); one made with other overrides or inputs is refused, never silently reused.
+Every setting's config (keys, values, shards, paths) is checked before any run starts.
 """
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ METRICS = ("rsum", "t2i_hit@1", "t2i_hit@5", "t2i_hit@10", "i2t_hit@1", "i2t_hit
 
 
 def parse_setting(text: str) -> Tuple[str, List[str]]:
-    name, _, rest = text.partition(":")
+    name, colon, rest = text.partition(":")
     if not name or not all(c.isalnum() or c in "_-.+" for c in name):
         raise ValueError(f"--setting '{text}': give NAME:key=value,key=value (a name of letters, digits, _-.+)")
+    if not colon:  # 'in_batch' alone would silently run the config as it is under that name
+        raise ValueError(f"--setting '{text}' has no ':': give NAME:key=value,key=value, or '{text}:' for the "
+                         f"config as it is")
     overrides = [o.strip() for o in rest.split(",") if o.strip()]
     for o in overrides:
         if "=" not in o:
@@ -66,16 +70,46 @@ def finished_run(args, name: str, overrides: List[str], seed: int) -> Optional[D
     return old
 
 
+def run_overrides(args, overrides: List[str], seed: int, run_dir: str) -> List[str]:
+    """The config overrides of one (setting, seed) run, the bench's own first, the setting's last."""
+    return [f"data.train_shards={args.train_shards}", f"data.val_shards={args.val_shards}",
+            f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}",
+            f"train.eval_every={args.eval_every}", f"train.save_every={10 ** 9}"] + \
+        (["train.steps=%d" % args.steps] if args.steps else []) + overrides
+
+
+def check_settings(args, settings: List[Tuple[str, List[str]]]) -> None:
+    """Load and check the config of every setting, shards and paths included, before any run starts: a typo in
+    the last setting must not wait for the first ones to train. Raises ValueError naming the setting."""
+    sys.path.insert(0, ROOT)
+    from pretrain.config import ConfigError, check_paths, load_config
+    for name, overrides in settings:
+        try:
+            cfg = check_paths(load_config(args.config, run_overrides(args, overrides, args.seeds[0],
+                                                                     os.path.join(args.out, name))))
+        except ConfigError as e:
+            raise ValueError(f"setting {name}: {e}") from None
+        if not cfg.data.val_shards:
+            raise ValueError(f"setting {name}: no held-out shards to evaluate on (--val-shards is empty)")
+
+
+def last_error(log_path: str) -> str:
+    """The run's own last 'error:' line, so that a failed run says why without opening its log."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip().lower().startswith("error")]
+    except OSError:
+        return ""
+    return f": {lines[-1]}" if lines else ""
+
+
 def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> Dict[str, Any]:
     """Train and evaluate one (setting, seed) that has no finished run under --out (main checks that)."""
     run_dir = os.path.join(args.out, f"{name}_seed{seed}")
     done = os.path.join(run_dir, "bench_result.json")
     inputs = run_inputs(args)
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", args.config, "--resume", "never",
-           f"data.train_shards={args.train_shards}", f"data.val_shards={args.val_shards}",
-           f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}",
-           f"train.eval_every={args.eval_every}", f"train.save_every={10 ** 9}"] + \
-        (["train.steps=%d" % args.steps] if args.steps else []) + overrides
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", args.config, "--resume",
+           "never"] + run_overrides(args, overrides, seed, run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -91,7 +125,8 @@ def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> D
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"setting {name} seed {seed} failed (exit {proc.returncode}); see {run_dir}/bench.log")
+        raise RuntimeError(f"setting {name} seed {seed} failed (exit {proc.returncode})"
+                           f"{last_error(os.path.join(run_dir, 'bench.log'))}; see {run_dir}/bench.log")
     curve, curve_m = read_evals(os.path.join(run_dir, "eval")), read_evals(os.path.join(run_dir, "eval_momentum"))
     if not curve:
         raise RuntimeError(f"setting {name} seed {seed}: no evaluation written; is data.val_shards set?")
@@ -215,6 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     jobs = [(n, ov, s) for s in args.seeds for n, ov in settings]
     try:
+        check_settings(args, settings)
         stored = [finished_run(args, n, ov, s) for n, ov, s in jobs]  # a finished run is reused, not run again
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

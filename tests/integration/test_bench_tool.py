@@ -111,3 +111,32 @@ def test_learn_mode_trains_settings_and_reports(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py")] + args[:-1] + ["wl:momentum"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "is not key=value" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_learn_mode_refuses_bad_settings_before_any_run(tmp_path):
+    """A bad setting (unknown key, bad value, no ':') or missing shards is refused with the setting's name and
+    the config's own message before any run starts: no run directory is made, no training is wasted."""
+    write_shards(str(tmp_path / "train"), [24])
+    write_shards(str(tmp_path / "val"), [12], seed=1, prefix="val")
+    (tmp_path / "tiny.yaml").write_text(TINY_LEARN)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    base = [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "learn", "--config", str(tmp_path / "tiny.yaml"),
+            "--val-shards", str(tmp_path / "val"), "--seeds", "0", "--out", str(tmp_path / "out"),
+            "--json", str(tmp_path / "r.json")]
+    cases = [
+        (["--train-shards", str(tmp_path / "train"), "--setting", "ok:", "--setting", "late:wenlan.nokey=1"],
+         ["setting late:", "unknown config key 'wenlan.nokey'"]),
+        (["--train-shards", str(tmp_path / "train"), "--setting", "ok:", "--setting", "late:wenlan.mode=moco"],
+         ["setting late:", "'wenlan.mode'", "in_batch"]),
+        (["--train-shards", str(tmp_path / "train"), "--setting", "in_batch"],
+         ["--setting 'in_batch' has no ':'", "'in_batch:'"]),
+        (["--train-shards", str(tmp_path / "nowhere"), "--setting", "ok:"],
+         ["setting ok:", "'data.train_shards'", "nowhere"]),
+    ]
+    for extra, wanted in cases:
+        r = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        assert r.returncode == 2, (extra, r.stderr[-2000:])
+        for w in wanted:
+            assert w in r.stderr, (w, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists(), extra   # refused before any run started
