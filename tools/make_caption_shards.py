@@ -71,12 +71,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not os.path.exists(path):
             print(f"error: {what} {path} does not exist", file=sys.stderr)
             return 2
+    if not os.path.isdir(args.images) or not os.path.isfile(args.captions):
+        print(f"error: --images must be a folder and --captions a file (got {args.images}, {args.captions})",
+              file=sys.stderr)
+        return 2
+    if args.val_images < 1 or args.max_images < 0 or args.workers < 1:
+        print(f"error: --val-images and --workers must be >= 1 and --max-images >= 0 (got {args.val_images}, "
+              f"{args.workers}, {args.max_images})", file=sys.stderr)
+        return 2
     try:
         caps = read_captions(args.captions)
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        print(f"error: cannot read captions from {args.captions}: {e}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+        print(f"error: cannot read captions from {args.captions} ({type(e).__name__}: {e}): give a CSV with the "
+              f"header 'image,caption', 'IMAGE#N<TAB>caption' lines (Flickr8k.token.txt) or a COCO captions JSON "
+              f"('images' with 'id' and 'file_name', 'annotations' with 'image_id' and 'caption')", file=sys.stderr)
+        return 2
+    if not caps:
+        print(f"error: no captions recognised in {args.captions}: give a CSV with the header 'image,caption', "
+              f"'IMAGE#N<TAB>caption' lines (Flickr8k.token.txt) or a COCO captions JSON", file=sys.stderr)
         return 2
     names = sorted(n for n in caps if os.path.isfile(os.path.join(args.images, n)))
+    missing = sorted(set(caps) - set(names))
+    if missing:  # said, not silently dropped: a wrong --images folder shows here first
+        print(f"warning: {sum(len(caps[n]) for n in missing)} captions of {len(missing)} photos that are not under "
+              f"{args.images} are skipped (e.g. {', '.join(missing[:3])})", file=sys.stderr)
     names.sort(key=lambda n: held_out(n, args.seed))          # a seeded order, stable under added files
     if args.max_images:
         names = names[:args.max_images]
