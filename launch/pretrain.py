@@ -65,9 +65,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pretrain.data import DataError
     from pretrain.trainer import Trainer, TrainingStopped
 
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: a message, not a traceback (SIGTERM/SIGUSR1 also save the current step)
+        if os.environ.get("RANK", "0") == "0":
+            step = getattr(trainer, "step", None)
+            ckpt = getattr(trainer, "last_checkpoint", None)
+            print(f"interrupted{f' after step {step} of {cfg.train.steps}' if step is not None else ''}; "
+                  f"{f'newest checkpoint {ckpt}' if ckpt else 'no checkpoint written or loaded by this run'}. "
+                  f"To resume from the newest complete checkpoint: {_resume_hint(args.config, args.overrides)} "
+                  f"(to stop with a checkpoint of the current step, send SIGTERM or SIGUSR1 instead of Ctrl-C)",
+                  file=sys.stderr, flush=True)
+        return 130
     except (TrainingStopped, DataError) as e:
         _error(e)
         return 3

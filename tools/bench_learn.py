@@ -25,12 +25,17 @@ import json
 import os
 import statistics
 import subprocess
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LIVE: Dict[int, subprocess.Popen] = {}   # the training processes running now, stopped on Ctrl-C
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 METRICS = ("rsum", "t2i_hit@1", "t2i_hit@5", "t2i_hit@10", "i2t_hit@1", "i2t_hit@5", "i2t_hit@10")
 
 
@@ -120,9 +125,15 @@ def run_one(args, name: str, overrides: List[str], seed: int, threads: int) -> D
     os.makedirs(run_dir)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "bench.log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with _LIVE_LOCK:
+            if _STOPPING.is_set():
+                raise RuntimeError("interrupted")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _LIVE[proc.pid] = proc
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        with _LIVE_LOCK:
+            _LIVE.pop(proc.pid, None)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"setting {name} seed {seed} failed (exit {proc.returncode})"
@@ -256,7 +267,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results: List[Dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(args.jobs, 1))
+    try:
         futures = [None if old is not None else pool.submit(run_one, args, n, ov, s, threads)
                    for (n, ov, s), old in zip(jobs, stored)]
         for (n, _, s), old, fut in zip(jobs, stored, futures):
@@ -268,6 +280,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             results.append(r)
             print(f"[learn] {n} seed {s}: rsum {r['rsum']:.1f}, t2i R@1 {r['t2i_hit@1']:.3f}, "
                   f"{r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU s", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGINT to this process alone: stop every run, start no other
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _STOPPING.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _LIVE_LOCK:
+            running = list(_LIVE.values())
+        for proc in running:
+            proc.kill()
+        pool.shutdown(wait=True)
+        finished = sum(os.path.isfile(os.path.join(args.out, f"{n}_seed{s}", "bench_result.json")) for n, _, s in jobs)
+        print(f"interrupted: stopped {len(running)} running run(s); the {finished} finished one(s) are kept "
+              f"under {args.out} and reused by the same command, which runs the others from the start",
+              file=sys.stderr)
+        return 130
+    finally:
+        pool.shutdown(wait=True)
     table = summarise(results, names)
     curves = curve_table(results, names)
     if curves:

@@ -140,3 +140,45 @@ def test_learn_mode_refuses_bad_settings_before_any_run(tmp_path):
             assert w in r.stderr, (w, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
         assert not (tmp_path / "out").exists(), extra   # refused before any run started
+
+
+def test_learn_mode_ctrl_c_stops_every_run(tmp_path):
+    """SIGINT to the bench alone (as Ctrl-C or a scheduler would send it): every running training process is
+    stopped, no further run starts, exit 130 with a message and no traceback."""
+    import signal
+    import time
+    write_shards(str(tmp_path / "train"), [24, 24])
+    write_shards(str(tmp_path / "val"), [12], seed=1, prefix="val")
+    (tmp_path / "tiny.yaml").write_text(TINY_LEARN.replace("steps: 4", "steps: 100000"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "learn", "--config", str(tmp_path / "tiny.yaml"),
+           "--train-shards", str(tmp_path / "train"), "--val-shards", str(tmp_path / "val"), "--seeds", "0", "1",
+           "--jobs", "1", "--out", str(out), "--setting", "wl:", "--json", str(tmp_path / "r.json")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def trainers():   # the training processes of this test's runs, found by their output folder
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if str(out).encode() in f.read() and int(pid) != proc.pid:
+                        found.append(int(pid))
+            except (OSError, ValueError):
+                pass
+        return found
+
+    log = out / "wl_seed0" / "bench.log"
+    end = time.time() + 300
+    while not (log.is_file() and "step 2/" in log.read_text()):
+        assert proc.poll() is None and time.time() < end, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    assert trainers()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: stopped 1 running run(s)" in err and "Traceback" not in err, err[-3000:]
+    time.sleep(1)
+    assert trainers() == []
+    assert not (out / "wl_seed1").exists()          # the queued run never started

@@ -113,3 +113,44 @@ def test_img2dataset_folder_trains_without_conversion(tmp_path):
     eval_recs = [x for x in recs if "eval/t2i_hit@1" in x]
     # ids are hashed from the caption and the image bytes: 3 distinct captions, 3 distinct pictures
     assert eval_recs and eval_recs[-1]["eval/t2i_num_queries"] == 3, eval_recs
+
+
+def _wait_for(predicate, proc, seconds=300):
+    import time
+    end = time.time() + seconds
+    while time.time() < end:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_ctrl_c_prints_how_to_resume_not_a_traceback(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: exit 130 with the step, the newest checkpoint and the resume
+    command, no traceback; the checkpoint it names is complete and one a --resume auto run continues from."""
+    import signal
+    write_shards(str(tmp_path / "train"), [30, 30])
+    run_dir = str(tmp_path / "run")
+    ov = tiny_overrides(run_dir, 0, **{"train.steps": 100000, "train.save_every": 3, "data.val_shards": "",
+                                      "data.train_shards": str(tmp_path / "train")})
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config",
+           os.path.join(ROOT, "configs", "pretrain", "demo.yaml")] + ov
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    _wait_for(lambda: os.path.isfile(latest) and open(latest).read().strip() >= "step_00000006", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    line = next(l for l in err.splitlines() if l.startswith("interrupted after step "))
+    step = int(line.split("interrupted after step ")[1].split()[0])
+    named = line.split("newest checkpoint ")[1].split(".")[0]
+    assert "--resume auto" in line and "SIGTERM" in line
+    # the newest complete checkpoint (a save that Ctrl-C cut short is not complete and not named)
+    newest = open(latest).read().strip()
+    assert os.path.basename(named) == newest and int(newest[5:]) <= step
+    ok = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"), "--run", run_dir, "--out",
+                         str(tmp_path / "export")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]   # what it names loads
