@@ -24,8 +24,8 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -86,7 +86,6 @@ def run_overrides(args, overrides: List[str], seed: int, run_dir: str) -> List[s
 def check_settings(args, settings: List[Tuple[str, List[str]]]) -> None:
     """Load and check the config of every setting, shards and paths included, before any run starts: a typo in
     the last setting must not wait for the first ones to train. Raises ValueError naming the setting."""
-    sys.path.insert(0, ROOT)
     from pretrain.config import ConfigError, check_paths, load_config
     for name, overrides in settings:
         try:

@@ -26,6 +26,8 @@ import sys
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORMATS = ("give a CSV with the header 'image,caption', 'IMAGE#N<TAB>caption' lines (Flickr8k.token.txt) or a "
+           "COCO captions JSON ('images' with 'id' and 'file_name', 'annotations' with 'image_id' and 'caption')")
 
 
 def read_captions(path: str) -> Dict[str, List[str]]:
@@ -82,13 +84,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         caps = read_captions(args.captions)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
-        print(f"error: cannot read captions from {args.captions} ({type(e).__name__}: {e}): give a CSV with the "
-              f"header 'image,caption', 'IMAGE#N<TAB>caption' lines (Flickr8k.token.txt) or a COCO captions JSON "
-              f"('images' with 'id' and 'file_name', 'annotations' with 'image_id' and 'caption')", file=sys.stderr)
+        print(f"error: cannot read captions from {args.captions} ({type(e).__name__}: {e}): {FORMATS}", file=sys.stderr)
         return 2
     if not caps:
-        print(f"error: no captions recognised in {args.captions}: give a CSV with the header 'image,caption', "
-              f"'IMAGE#N<TAB>caption' lines (Flickr8k.token.txt) or a COCO captions JSON", file=sys.stderr)
+        print(f"error: no captions recognised in {args.captions}: {FORMATS}", file=sys.stderr)
         return 2
     names = sorted(n for n in caps if os.path.isfile(os.path.join(args.images, n)))
     missing = sorted(set(caps) - set(names))
